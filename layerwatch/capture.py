@@ -1,0 +1,292 @@
+"""Capturing per-layer hidden states with temporary forward hooks, without disturbing training.
+
+Three jobs, each in one place:
+- :func:`find_blocks` locates the decoder (or encoder) blocks of a model, through DDP, FSDP, DeepSpeed, PEFT and
+  ``torch.compile`` wrappers.
+- :func:`isolated` is the context a probe runs in: eval mode and no grad, every RNG forked, every module's
+  ``.training`` flag restored, compiled code run eagerly, FSDP2 parameters resharded afterwards.
+- :class:`LayerHooks` calls back with each layer's ``[B, T, D]`` output as soon as it is produced (index 0 is the
+  input of the first block, i.e. the embedding output), and checks that every hook fired exactly once per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Attribute names under which wrappers keep the module they wrap.
+_WRAPPED_ATTRIBUTES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module")
+# Where blocks live in common architectures, tried when class-name matching finds nothing.
+_KNOWN_BLOCK_PATHS = (
+    "model.layers", "transformer.h", "gpt_neox.layers", "backbone.layers", "model.decoder.layers",
+    "encoder.layer", "bert.encoder.layer", "transformer.layers", "layers", "h",
+)
+
+
+class CaptureError(RuntimeError):
+    """The probe could not capture the model's layers as expected."""
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The innermost module under DDP / FSDP1 / checkpoint / compile / DeepSpeed wrappers."""
+    seen = set()
+    while id(module) not in seen:
+        seen.add(id(module))
+        for attribute in _WRAPPED_ATTRIBUTES:
+            inner = getattr(module, attribute, None)
+            if isinstance(inner, nn.Module) and inner is not module:
+                module = inner
+                break
+        else:
+            break
+    return module
+
+
+def find_pretrained(model: nn.Module) -> nn.Module | None:
+    """The outermost ``transformers.PreTrainedModel`` inside ``model`` (through wrappers, PEFT included)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return None
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return None
+
+
+def model_config(model: nn.Module) -> Any:
+    pretrained = find_pretrained(model)
+    return getattr(pretrained, "config", None) if pretrained is not None else getattr(unwrap(model), "config", None)
+
+
+def _class_names(module: nn.Module) -> set[str]:
+    # FSDP2 swaps a module's class for a dynamic subclass ("FSDPLlamaDecoderLayer"); match any class in the MRO.
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
+def _block_class_names(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for module in model.modules():
+        no_split = getattr(type(module), "_no_split_modules", None) or getattr(module, "_no_split_modules", None)
+        if isinstance(no_split, (list, tuple, set)):
+            names.update(str(n) for n in no_split)
+        recorded = getattr(module, "_can_record_outputs", None)
+        if isinstance(recorded, dict):
+            target = recorded.get("hidden_states")
+            target = getattr(target, "target_class", target)
+            if isinstance(target, type):
+                names.add(target.__name__)
+    return names
+
+
+def _resolve_path(model: nn.Module, path: str) -> Any:
+    for root in (model, unwrap(model), find_pretrained(model)):
+        obj: Any = root
+        for part in path.split("."):
+            if obj is None:
+                break
+            obj = getattr(obj if hasattr(obj, part) else unwrap(obj), part, None)
+        if obj is not None:
+            return obj
+    return None
+
+
+def find_blocks(model: nn.Module, layers: str | Sequence[nn.Module] | None = None) -> list[nn.Module]:
+    """The model's sequence of blocks (decoder layers, encoder layers, Mamba blocks), in forward order.
+
+    Args:
+        model: any ``nn.Module``, possibly wrapped (DDP, FSDP1/2, DeepSpeed, PEFT, ``torch.compile``).
+        layers: override: a dotted path to a ``ModuleList`` (e.g. ``"model.layers"``) or a list of modules.
+
+    The stored elements are returned (the wrapper, if a block is wrapped): their output is the block's output.
+    """
+    if layers is not None:
+        if isinstance(layers, str):
+            found = _resolve_path(model, layers)
+            if not isinstance(found, (nn.ModuleList, nn.Sequential)) or len(found) == 0:
+                raise ValueError(
+                    f"layers={layers!r} does not name a non-empty nn.ModuleList in {type(model).__name__}; "
+                    "give the dotted path of the block list (e.g. 'model.layers') or a list of modules"
+                )
+            return list(found)
+        blocks = list(layers)
+        if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+            raise ValueError("layers= must be a dotted path string or a non-empty list of nn.Module blocks")
+        return blocks
+
+    targets = _block_class_names(model)
+    config = model_config(model)
+    expected = getattr(config, "num_hidden_layers", None)
+    if expected is None and hasattr(config, "get_text_config"):
+        expected = getattr(config.get_text_config(), "num_hidden_layers", None)
+
+    candidates = []
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            inner = [unwrap(child) for child in module]
+            if targets and all(_class_names(child) & targets for child in inner):
+                candidates.append(module)
+    if candidates:
+        exact = [c for c in candidates if expected is not None and len(c) == expected]
+        return list((exact or sorted(candidates, key=len, reverse=True))[0])
+
+    for path in _KNOWN_BLOCK_PATHS:
+        found = _resolve_path(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return list(found)
+
+    homogeneous = [
+        m for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(unwrap(c)) for c in m}) == 1
+        and sum(p.numel() for p in m.parameters()) > 0
+    ]
+    if homogeneous:
+        return list(max(homogeneous, key=len))
+    raise ValueError(
+        f"could not find the blocks of {type(model).__name__}: pass layers= with the dotted path of its block "
+        "list (e.g. layers='model.layers') or a list of the block modules"
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        device = getattr(parameter, "device", None)
+        if device is not None and device.type != "meta":
+            return device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def forward_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments that keep a probe forward cheap, passed only where the model's forward accepts them."""
+    target = find_pretrained(model) or unwrap(model)
+    try:
+        parameters = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+    options: dict[str, Any] = {}
+    if "use_cache" in parameters:
+        options["use_cache"] = False  # no KV / SSM cache is built
+    if "logits_to_keep" in parameters:
+        options["logits_to_keep"] = 1  # no full-vocabulary logits for every token
+    elif "num_logits_to_keep" in parameters:
+        options["num_logits_to_keep"] = 1
+    if "return_dict" in parameters:
+        options["return_dict"] = True
+    return options
+
+
+def accepts_attention_mask(model: nn.Module) -> bool:
+    target = find_pretrained(model) or unwrap(model)
+    try:
+        parameters = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return True
+    return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _reshard_fsdp2(model: nn.Module) -> None:
+    # A no-grad forward leaves an FSDP2 root's parameters unsharded (pytorch/pytorch#131965); reshard() is local.
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module) -> Iterator[None]:
+    """Run a probe without changing anything training depends on.
+
+    eval() and no_grad for the probe; every module's ``.training`` flag restored exactly (submodules the user froze
+    in eval included); torch CPU and accelerator, Python ``random`` and numpy RNG states restored; compiled code run
+    eagerly (hooks fire, no recompiles); FSDP2 parameters resharded afterwards.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    stance = contextlib.nullcontext()
+    if hasattr(torch, "compiler") and hasattr(torch.compiler, "set_stance"):
+        stance = torch.compiler.set_stance("force_eager")
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), stance:
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        _reshard_fsdp2(model)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    for attribute in ("last_hidden_state", "hidden_states"):
+        inner = getattr(value, attribute, None)
+        if isinstance(inner, torch.Tensor):
+            return inner
+    return None
+
+
+class LayerHooks:
+    """Temporary hooks delivering ``callback(layer_index, hidden[B, T, D])`` for layers 0..len(blocks).
+
+    Use as a context manager; hooks are removed on exit, whatever happens. Call :meth:`check_and_reset` after each
+    forward: it raises :class:`CaptureError` unless every hook fired exactly once.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], callback: Callable[[int, torch.Tensor], None]) -> None:
+        self.blocks = list(blocks)
+        self.callback = callback
+        self.fired = [0] * (len(self.blocks) + 1)
+        self._handles: list[Any] = []
+
+    def _deliver(self, index: int, value: Any) -> None:
+        self.fired[index] += 1
+        hidden = _first_tensor(value)
+        if hidden is None or hidden.dim() != 3:
+            raise CaptureError(
+                f"layer {index} produced {type(value).__name__}, not a [batch, tokens, hidden] tensor; "
+                "pass layers= naming the model's block list"
+            )
+        self.callback(index, hidden)
+
+    def __enter__(self) -> "LayerHooks":
+        def pre_hook(module, args, kwargs):
+            self._deliver(0, args[0] if args else kwargs.get("hidden_states"))
+
+        self._handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for i, block in enumerate(self.blocks, start=1):
+            self._handles.append(block.register_forward_hook(lambda m, a, out, i=i: self._deliver(i, out)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def check_and_reset(self) -> None:
+        counts, self.fired = self.fired, [0] * len(self.fired)
+        wrong = {i: c for i, c in enumerate(counts) if c != 1}
+        if wrong:
+            raise CaptureError(
+                f"layer hooks fired {wrong} times (layer: count) in one forward instead of once each; a compiled graph "
+                "that skips hooks, an early exit or a block called twice. Pass layers= to choose the blocks"
+            )

@@ -1,0 +1,62 @@
+"""The ``layerwatch`` command: ``demo``, ``trajectory`` and ``report``.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; they are
+imported only when used, so ``layerwatch --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from layerwatch._version import __version__
+
+SUBCOMMANDS = {
+    "demo": ("layerwatch.demo", "train a small GPT-2 on CPU with layerwatch watching (a few minutes)"),
+    "trajectory": ("layerwatch.trajectory", "probe saved checkpoints and write them as one run"),
+    "report": ("layerwatch.report", "draw a run as PNG pictures and an HTML page"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerwatch",
+        description="Watch every layer's representations evolve while a language model trains.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerwatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        _lazy_arguments(sub, module_name)
+    return parser
+
+
+def _lazy_arguments(sub: argparse.ArgumentParser, module_name: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:  # a subcommand with a missing optional dependency still shows in --help
+        sub.set_defaults(_import_error=str(error))
+        return
+    module.add_arguments(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "_import_error", None):
+        print(f"layerwatch {args.command}: {args._import_error}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(args._module)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""The monitor: ``LayerWatch`` runs the probe, captures every layer, computes the metrics and writes the record.
+
+Path of the data (one probe)::
+
+    isolated(model)                      eval + no_grad, RNG forked, flags restored, eager, FSDP2 resharded
+      for each pass (clean batch, then each augmented view), for each micro-batch of this rank's rows:
+        model(**batch)  ->  hooks deliver layer 0..L one at a time  ->  reduced at once to per-prompt values,
+                                                                        pooled [B, D] rows and health sums
+    agree on errors across ranks, then one all_reduce of the packed buffers
+    set-level metrics on the pooled [L+1, M, D] (and views [L+1, M, Q, D])  ->  ProbeRecord  ->  sinks (main rank)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerwatch import metrics as M
+from layerwatch._version import __version__
+from layerwatch.alerts import AlertTracker
+from layerwatch.capture import (
+    CaptureError,
+    LayerHooks,
+    accepts_attention_mask,
+    find_blocks,
+    forward_options,
+    isolated,
+    model_config,
+    model_device,
+)
+from layerwatch.record import ProbeRecord
+from layerwatch.schedule import ProbeSchedule
+from layerwatch.sinks import JSONL_NAME, JsonlSink, Sink, TensorBoardSink, read_jsonl_records
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerWatch", "ProbeRecord", "ProbeError", "METRIC_PRESETS", "ALL_METRICS"]
+
+PROBE_FILE = "probe.safetensors"
+
+TOKEN_METRICS = ("prompt_entropy", "prompt_entropy_bimodality", "curvature", "curvature_abs")
+HEALTH_METRICS = ("rms", "max_abs", "nonfinite")
+POOLED_METRICS = ("dataset_entropy", "effective_rank")
+VIEW_METRICS = ("infonce", "dime", "lidar")
+ALL_METRICS = TOKEN_METRICS + HEALTH_METRICS + POOLED_METRICS + VIEW_METRICS
+
+_LIGHT = ("prompt_entropy", "prompt_entropy_bimodality", "dataset_entropy", "curvature", "effective_rank") + HEALTH_METRICS
+METRIC_PRESETS: dict[str, tuple[str, ...]] = {
+    "light": _LIGHT,
+    "standard": _LIGHT + VIEW_METRICS,
+    "paper": _LIGHT + VIEW_METRICS,
+}
+_VIEWS_FOR_PRESET = {"light": 0, "standard": 2, "paper": 16}
+
+
+class ProbeError(RuntimeError):
+    """A probe failed (on this rank or on another one)."""
+
+
+def _resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...], int]:
+    """(preset name, metric names, LiDAR views) from the ``metrics=`` argument."""
+    if isinstance(metrics, str):
+        if metrics not in METRIC_PRESETS:
+            raise ValueError(
+                f"metrics={metrics!r} is not a preset; use one of {sorted(METRIC_PRESETS)} or a list of metric names "
+                f"from {list(ALL_METRICS)}"
+            )
+        return metrics, METRIC_PRESETS[metrics], _VIEWS_FOR_PRESET[metrics]
+    names: list[str] = []
+    for name in metrics:
+        expanded = HEALTH_METRICS if name == "health" else (name,)
+        for item in expanded:
+            if item not in ALL_METRICS:
+                raise ValueError(f"metrics= contains unknown metric {item!r}; known metrics are {list(ALL_METRICS)}")
+            if item not in names:
+                names.append(item)
+    if not names:
+        raise ValueError("metrics= is empty; give a preset ('light', 'standard', 'paper') or metric names")
+    return "custom", tuple(names), 2 if set(names) & set(VIEW_METRICS) else 0
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _right_padded(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the front (stable), so positions start at 0 whatever the padding side."""
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    ids, mask = input_ids.gather(1, order), mask.gather(1, order)
+    length = max(int(mask.sum(1).max()), 1)
+    return ids[:, :length], mask[:, :length]
+
+
+@dataclass
+class _Batch:
+    """What the hooks need to know about the micro-batch being forwarded."""
+
+    pass_index: int  # -1 = the clean batch, k >= 0 = augmented view k
+    rows: torch.Tensor  # global prompt indices of the real rows
+    real: torch.Tensor  # [b] bool: False for rows that only pad this rank's shard
+    mask: torch.Tensor  # [b, T] bool
+
+
+class _Buffers:
+    """Per-probe accumulators, filled by the hooks; each rank writes only its own rows so a SUM reduces them."""
+
+    def __init__(self, layers: int, prompts: int, views: int, need_tokens: bool, need_pooled: bool, need_health: bool):
+        self.shape = (layers, prompts, views)
+        self.need_tokens, self.need_pooled, self.need_health = need_tokens, need_pooled, need_health
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.max_abs: torch.Tensor | None = None
+
+    def allocate(self, width: int, device: torch.device) -> None:
+        layers, prompts, views = self.shape
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
+        if self.need_tokens:
+            for name in ("prompt_entropy", "curvature", "curvature_abs"):
+                self.tensors[name] = zeros(layers, prompts)
+        if self.need_health:
+            self.tensors["health"] = zeros(layers, 3)  # sum of squares, finite count, non-finite count
+            self.max_abs = zeros(layers)
+        if self.need_pooled:
+            self.tensors["pooled"] = zeros(layers, prompts, width)
+        if views:
+            self.tensors["views"] = zeros(layers, prompts, views, width)
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([t.flatten() for t in self.tensors.values()])
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for name, tensor in self.tensors.items():
+            self.tensors[name] = flat[offset : offset + tensor.numel()].view_as(tensor)
+            offset += tensor.numel()
+
+
+class LayerWatch:
+    """Probe a model's layers during training and log per-layer representation metrics.
+
+    Args:
+        probe: the fixed :class:`layerwatch.Probe` every probe runs.
+        logdir: run directory for ``layerwatch.jsonl``, TensorBoard events and ``probe.safetensors``; ``None``
+            writes nothing to disk (give ``sinks=`` instead).
+        every: probe every N optimizer steps.
+        metrics: ``"light"``, ``"standard"`` (default), ``"paper"`` (LiDAR on 16 views) or a list of metric names.
+        alpha: Rényi order of the matrix entropies (1 = von Neumann).
+        layers: override block discovery: a dotted path (``"model.layers"``) or a list of modules.
+        batch_size: prompts per probe forward; bounds the probe's memory.
+        log_spaced_start: also probe at steps 1, 2, 4, ... below ``every``.
+        probe_at_start: also probe at step 0.
+        max_overhead: keep probe time below this fraction of training time by stretching the interval.
+        strict: re-raise probe failures instead of logging them and carrying on.
+        sinks: extra sinks (objects with ``write(record)`` and ``close()``), written on the main process.
+        tensorboard, jsonl: write TensorBoard events / the JSONL file into ``logdir``.
+        resume_step: the step a run resumed from: records after it are dropped and TensorBoard purges them.
+        device: where probe inputs go; default the device of the model's first parameter.
+        collapse_threshold, collapse_drop: alert when a normalized entropy falls below the threshold or drops by
+            more than this fraction between probes.
+        seed: seeds DiME's permutations.
+    """
+
+    def __init__(
+        self,
+        probe: Any,
+        *,
+        logdir: str | os.PathLike | None,
+        every: int = 100,
+        metrics: str | Sequence[str] = "standard",
+        alpha: float = 1.0,
+        layers: str | Sequence[nn.Module] | None = None,
+        batch_size: int = 16,
+        log_spaced_start: bool = True,
+        probe_at_start: bool = False,
+        max_overhead: float | None = None,
+        strict: bool = False,
+        sinks: Sequence[Sink] | None = None,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        resume_step: int | None = None,
+        device: str | torch.device | None = None,
+        collapse_threshold: float = 0.1,
+        collapse_drop: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        from layerwatch.probe import Probe
+
+        if not isinstance(probe, Probe):
+            raise TypeError(
+                f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
+                "Probe.from_tensors or Probe.from_dataset"
+            )
+        if not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
+        if not 0 < collapse_drop <= 1:
+            raise ValueError(f"collapse_drop must be a fraction in (0, 1], got {collapse_drop!r}")
+        self.schedule = ProbeSchedule(
+            every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
+        )
+        self.preset, self.metric_names, lidar_views = _resolve_metrics(metrics)
+        if lidar_views and len(probe.views) < lidar_views:
+            probe = probe.with_views(lidar_views)
+        self.probe = probe
+        self.num_views = lidar_views
+        self.alpha = float(alpha)
+        self.layers = layers
+        self.batch_size = batch_size
+        self.strict = strict
+        self.device = torch.device(device) if device is not None else None
+        self.seed = seed
+        self.alerts = AlertTracker(collapse_threshold=collapse_threshold, collapse_drop=collapse_drop)
+        self.logdir = Path(logdir) if logdir is not None else None
+        self.error_count = 0
+        self._warned_kinds: set[str] = set()
+        self._validated: set[int] = set()
+        self._last_call: tuple[int, float] | None = None
+        self._seconds_per_step: float | None = None
+        self._sinks: list[Sink] = []
+        if resume_step is not None:  # the same on every rank, so all ranks keep probing at the same steps
+            self.schedule.last_step = resume_step
+        if self.is_main_process:
+            self._open_sinks(list(sinks or []), tensorboard, jsonl, resume_step)
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @property
+    def is_main_process(self) -> bool:
+        return _distributed()[0] == 0
+
+    @property
+    def last_probed_step(self) -> int | None:
+        return self.schedule.last_step
+
+    def _open_sinks(self, extra: list[Sink], tensorboard: bool, jsonl: bool, resume_step: int | None) -> None:
+        self._sinks = extra
+        if self.logdir is None:
+            return
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            probe_path = self.logdir / PROBE_FILE
+            if not probe_path.exists():
+                self.probe.save(probe_path)
+        except OSError as error:
+            raise ValueError(f"logdir={str(self.logdir)!r} is not writable ({error}); pass a directory you can write to") from error
+        history = [r for r in read_jsonl_records(self.logdir / JSONL_NAME) if resume_step is None or r.step <= resume_step]
+        if history and resume_step is None:
+            logger.info("%s already holds %d probe records; new records are appended", self.logdir, len(history))
+        if jsonl:
+            self._sinks.append(JsonlSink(self.logdir / JSONL_NAME, resume_step=resume_step))
+        if tensorboard:
+            purge = resume_step + 1 if resume_step is not None else None
+            self._sinks.append(TensorBoardSink(self.logdir, purge_step=purge, history=history))
+
+    def add_sink(self, sink: Sink) -> None:
+        """Send future records to ``sink`` too (main process only)."""
+        if self.is_main_process:
+            self._sinks.append(sink)
+
+    # ------------------------------------------------------------------------------------------- schedule
+    def should_probe(self, step: int) -> bool:
+        """Whether :meth:`step` would probe at ``step`` (never twice for the same step)."""
+        return self.schedule.is_due(step)
+
+    def step(self, model: nn.Module, step: int) -> ProbeRecord | None:
+        """Call once per optimizer step (on every rank); probes when the schedule says so."""
+        now = time.perf_counter()
+        if self._last_call is not None and step > self._last_call[0]:
+            per_step = (now - self._last_call[1]) / (step - self._last_call[0])
+            self._seconds_per_step = per_step if self._seconds_per_step is None else 0.7 * self._seconds_per_step + 0.3 * per_step
+        self._last_call = (step, now)
+        if not self.should_probe(step):
+            return None
+        record = self.run(model, step)
+        self._last_call = (step, time.perf_counter())  # probe time is not training time
+        return record
+
+    # ---------------------------------------------------------------------------------------------- probe
+    def run(self, model: nn.Module, step: int) -> ProbeRecord | None:
+        """Probe ``model`` now and log the record as ``step``. On every rank in multi-process runs.
+
+        Returns the record, or ``None`` when the probe failed (logged, counted in ``layerwatch/errors``); with
+        ``strict=True`` the failure is raised instead.
+        """
+        started = time.perf_counter()
+        record = None
+        try:
+            record = self._probe(model, step, started)
+        except Exception as error:  # the monitor must not kill training
+            self._report_failure(step, error)
+            if self.strict:
+                raise
+        finally:
+            self.schedule.mark_probed(step)
+        self._stretch_schedule(time.perf_counter() - started)
+        return record
+
+    def _report_failure(self, step: int, error: BaseException) -> None:
+        self.error_count += 1
+        kind = type(error).__name__
+        if kind not in self._warned_kinds:
+            self._warned_kinds.add(kind)
+            logger.warning(
+                "layerwatch probe at step %d failed (%s: %s); training goes on. Further %s failures are counted in "
+                "layerwatch/errors without a warning (strict=True raises instead)", step, kind, error, kind,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
+            )
+        for sink in self._sinks:
+            write_errors = getattr(sink, "write_errors", None)
+            if write_errors is not None:
+                try:
+                    write_errors(step, self.error_count)
+                except Exception:  # pragma: no cover - a broken sink must not kill training either
+                    logger.debug("sink %r failed to record the error count", sink, exc_info=True)
+
+    def _stretch_schedule(self, probe_seconds: float) -> None:
+        if self.schedule.max_overhead is None or self._seconds_per_step is None:
+            return
+        gap = torch.tensor(float(self.schedule.required_gap(probe_seconds, self._seconds_per_step)))
+        rank, world = _distributed()
+        if world > 1:  # every rank must probe at the same steps: take the largest gap
+            backend_device = self._collective_device()
+            gap = gap.to(backend_device)
+            torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+        self.schedule.min_gap = int(gap.item())
+
+    def _collective_device(self) -> torch.device:
+        if torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _validate(self, model: nn.Module) -> None:
+        """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
+        if id(model) in self._validated:
+            return
+        config = model_config(model)
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is None and hasattr(model, "get_input_embeddings"):
+            embeddings = model.get_input_embeddings()
+            vocab = getattr(embeddings, "num_embeddings", None)
+        top = self.probe.max_token_id()
+        if vocab is not None and top >= vocab:
+            raise ValueError(
+                f"the probe has token id {top} but the model's vocabulary has {vocab} entries (ids 0..{vocab - 1}); "
+                "build the probe with this model's tokenizer (or Probe.from_tensors(..., vocab_size=...))"
+            )
+        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        longest = self.probe.max_length()
+        if max_positions is not None and longest > max_positions:
+            raise ValueError(
+                f"the probe has prompts (or augmented views) of {longest} tokens but the model takes at most "
+                f"{max_positions} positions; build the probe with a smaller max_length"
+            )
+        self._validated.add(id(model))
+
+    def _passes(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        names = set(self.metric_names)
+        passes = []
+        if names - set(VIEW_METRICS):
+            passes.append((-1, self.probe.input_ids, self.probe.attention_mask))
+        if names & set(VIEW_METRICS):
+            for k in range(self.num_views):
+                view_ids, view_mask = self.probe.views[k]
+                passes.append((k, view_ids, view_mask))
+        return passes
+
+    def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:
+        self._validate(model)
+        blocks = find_blocks(model, self.layers)
+        rank, world = _distributed()
+        device = self.device or model_device(model)
+        names = set(self.metric_names)
+        prompts = self.probe.num_prompts
+        buffers = _Buffers(
+            layers=len(blocks) + 1,
+            prompts=prompts,
+            views=self.num_views if names & set(VIEW_METRICS) else 0,
+            need_tokens=bool(names & set(TOKEN_METRICS)),
+            need_pooled=bool(names & set(POOLED_METRICS)),
+            need_health=bool(names & set(HEALTH_METRICS)),
+        )
+        # This rank's rows, padded so that every rank runs the same number of forwards (collectives stay paired).
+        per_rank = math.ceil(prompts / world)
+        rows = list(range(rank, prompts, world))
+        real = [True] * len(rows) + [False] * (per_rank - len(rows))
+        rows += [0] * (per_rank - len(rows))
+
+        current: dict[str, _Batch] = {}
+
+        def on_layer(index: int, hidden: torch.Tensor) -> None:
+            batch = current["batch"]
+            if not buffers.tensors:
+                buffers.allocate(hidden.shape[-1], hidden.device)
+            self._reduce_layer(buffers, index, hidden, batch)
+
+        options = forward_options(model)
+        pass_mask = accepts_attention_mask(model)
+        local_error: BaseException | None = None
+        with isolated(model), LayerHooks(blocks, on_layer) as hooks:
+            for pass_index, all_ids, all_mask in self._passes():
+                for start in range(0, per_rank, self.batch_size):
+                    chunk = torch.tensor(rows[start : start + self.batch_size])
+                    chunk_real = torch.tensor(real[start : start + self.batch_size])
+                    ids, mask = _right_padded(all_ids[chunk], all_mask[chunk].bool())
+                    ids, mask = ids.to(device), mask.to(device)
+                    current["batch"] = _Batch(pass_index, chunk[chunk_real].to(device), chunk_real.to(device), mask)
+                    inputs = {"input_ids": ids, **options}
+                    if pass_mask:
+                        inputs["attention_mask"] = mask.long()
+                    try:
+                        model(**inputs)
+                        hooks.check_and_reset()
+                    except Exception as error:  # keep forwarding: peers' collectives must stay paired
+                        hooks.fired = [0] * len(hooks.fired)
+                        local_error = local_error or error
+        self._agree_and_reduce(buffers, local_error, world)
+        return self._record(step, started, len(blocks) + 1, buffers, world)
+
+    def _reduce_layer(self, buffers: _Buffers, index: int, hidden: torch.Tensor, batch: _Batch) -> None:
+        """Reduce one layer's [b, T, D] to what the metrics need, right away (the tensor is not kept)."""
+        real_hidden, mask = hidden[batch.real], batch.mask[batch.real]
+        if real_hidden.shape[0] == 0:
+            return
+        if batch.pass_index >= 0:
+            buffers.tensors["views"][index, batch.rows, batch.pass_index] = M.mean_pool(real_hidden, mask).float()
+            return
+        if buffers.need_tokens:
+            values = M.token_metrics(real_hidden, mask, alpha=self.alpha)
+            for name in ("prompt_entropy", "curvature", "curvature_abs"):
+                buffers.tensors[name][index, batch.rows] = values[name].float()
+        if buffers.need_pooled:
+            buffers.tensors["pooled"][index, batch.rows] = M.mean_pool(real_hidden, mask).float()
+        if buffers.need_health:
+            tokens = real_hidden[mask].float()
+            finite = torch.isfinite(tokens)
+            kept = torch.where(finite, tokens, torch.zeros((), device=tokens.device))
+            health = buffers.tensors["health"][index]
+            health[0] += kept.pow(2).sum()
+            health[1] += finite.sum()
+            health[2] += (~finite).sum()
+            buffers.max_abs[index] = torch.maximum(buffers.max_abs[index], kept.abs().max())
+
+    def _agree_and_reduce(self, buffers: _Buffers, local_error: BaseException | None, world: int) -> None:
+        if world > 1:
+            device = self._collective_device()
+            failed = torch.tensor([1.0 if local_error is not None else 0.0], device=device)
+            torch.distributed.all_reduce(failed)
+            if failed.item() > 0 and local_error is None:
+                raise ProbeError(f"the probe failed on {int(failed.item())} other rank(s); all ranks skip this probe")
+        if local_error is not None:
+            raise local_error
+        if not buffers.tensors:
+            raise CaptureError("no layer output was captured")
+        if world > 1:
+            packed = buffers.pack()
+            torch.distributed.all_reduce(packed)
+            buffers.unpack(packed)
+            if buffers.max_abs is not None:
+                torch.distributed.all_reduce(buffers.max_abs, op=torch.distributed.ReduceOp.MAX)
+
+    def _record(self, step: int, started: float, num_layers: int, buffers: _Buffers, world: int) -> ProbeRecord:
+        names = set(self.metric_names)
+        tensors = buffers.tensors
+        values: dict[str, torch.Tensor] = {}
+        per_prompt: dict[str, list[list[float]]] = {}
+        if buffers.need_tokens:
+            for name in ("prompt_entropy", "curvature", "curvature_abs"):
+                if name in names:
+                    values[name] = torch.nanmean(tensors[name].double(), dim=-1)
+                    if name != "curvature_abs":
+                        per_prompt[name] = tensors[name].tolist()
+            if "prompt_entropy_bimodality" in names:
+                values["prompt_entropy_bimodality"] = M.bimodality(tensors["prompt_entropy"].double(), dim=-1)
+        if buffers.need_pooled:
+            pooled = tensors["pooled"]
+            if "dataset_entropy" in names:
+                values["dataset_entropy"] = M.dataset_entropy(pooled, alpha=self.alpha)
+            if "effective_rank" in names:
+                values["effective_rank"] = M.effective_rank(pooled)
+        if "views" in tensors:
+            views = tensors["views"]
+            if "infonce" in names:
+                values["infonce"] = M.infonce(views[:, :, 0], views[:, :, 1])
+            if "dime" in names:
+                generator = torch.Generator(device=views.device).manual_seed(self.seed)
+                values["dime"] = M.dime(views[:, :, 0], views[:, :, 1], alpha=self.alpha, generator=generator)
+            if "lidar" in names:
+                values["lidar"] = M.lidar(views, alpha=self.alpha)
+        if buffers.need_health:
+            health = tensors["health"].double()
+            values["rms"] = torch.sqrt(health[:, 0] / health[:, 1].clamp_min(1))  # over finite elements
+            values["max_abs"] = buffers.max_abs.double()
+            values["nonfinite"] = health[:, 2]
+            broken = health[:, 2] > 0
+            for name, per_layer in values.items():  # a layer with non-finite activations has no trustworthy metric
+                if name not in HEALTH_METRICS:
+                    values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer.double())
+        layers = list(range(num_layers))
+        metrics = {name: values[name].double().cpu().tolist() for name in self.metric_names if name in values}
+        alerts = self.alerts.check(step, layers, metrics)
+        record = ProbeRecord(
+            step=int(step),
+            time=time.time(),
+            wall_time_s=time.perf_counter() - started,
+            layers=layers,
+            metrics=metrics,
+            per_prompt=per_prompt,
+            alerts=alerts,
+            settings=self._settings(world),
+        )
+        if self.is_main_process:
+            for sink in self._sinks:
+                sink.write(record)
+        return record
+
+    def _settings(self, world: int) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "metrics": list(self.metric_names),
+            "alpha": self.alpha,
+            "views": self.num_views,
+            "infonce_temperature": 0.1,
+            "lidar_delta": 1e-4,
+            "dime_permutations": 10,
+            "num_prompts": self.probe.num_prompts,
+            "batch_size": self.batch_size,
+            "world_size": world,
+            "probe_hash": self.probe.content_hash,
+            "layerwatch_version": __version__,
+        }
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (for ``accelerator.register_for_checkpointing``)."""
+        return {"schedule": self.schedule.state_dict(), "error_count": self.error_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        self.error_count = int(state.get("error_count", self.error_count))
+
+    def close(self) -> None:
+        """Flush and close every sink. Safe to call twice."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
+
+    def __enter__(self) -> "LayerWatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort for interactive use
+        try:
+            self.close()
+        except Exception:
+            pass
+

@@ -1,0 +1,134 @@
+"""Reading a run back: ``layerwatch.read_run(logdir)`` returns its per-layer time series as numpy arrays."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from layerwatch.record import SCALAR_PREFIX, ProbeRecord
+from layerwatch.sinks import JSONL_NAME, read_jsonl_records
+
+_SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
+
+
+class Run:
+    """The time series of one run.
+
+    Attributes:
+        steps: probed steps, ascending (numpy int array).
+        layers: layer indices (0 = embedding output).
+        metrics: metric names, in the order first seen.
+        records: the parsed probe records (empty for a run read from TensorBoard events only).
+    """
+
+    def __init__(self, logdir: Path, records: list[ProbeRecord], values: dict[str, np.ndarray], steps, layers):
+        self.logdir = logdir
+        self.records = records
+        self.steps = np.asarray(steps, dtype=np.int64)
+        self.layers = list(layers)
+        self._values = values
+        self.metrics = list(values)
+
+    def metric(self, name: str) -> np.ndarray:
+        """``[steps, layers]`` values of one metric (NaN where a probe did not record it)."""
+        if name not in self._values:
+            raise KeyError(f"metric {name!r} is not in this run; it has {self.metrics}")
+        return self._values[name]
+
+    def per_prompt(self, name: str, step: int | None = None) -> np.ndarray:
+        """``[layers, prompts]`` per-prompt values of ``name`` at ``step`` (default: the last probed step)."""
+        if not self.records:
+            raise ValueError(f"{self.logdir} has no JSONL records; per-prompt values are only stored there")
+        record = self.records[-1] if step is None else next((r for r in self.records if r.step == step), None)
+        if record is None:
+            raise KeyError(f"step {step} is not in this run; steps are {self.steps.tolist()}")
+        if name not in record.per_prompt:
+            raise KeyError(f"no per-prompt values of {name!r}; available: {sorted(record.per_prompt)}")
+        return np.asarray(record.per_prompt[name], dtype=np.float64)
+
+    def to_pandas(self) -> Any:
+        """A long-format ``pandas.DataFrame`` with columns step, layer, metric, value."""
+        try:
+            import pandas as pd
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("Run.to_pandas() needs pandas: pip install pandas") from error
+        rows = [
+            (int(step), int(layer), name, float(values[i, j]))
+            for name, values in self._values.items()
+            for i, step in enumerate(self.steps)
+            for j, layer in enumerate(self.layers)
+        ]
+        return pd.DataFrame(rows, columns=["step", "layer", "metric", "value"])
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.logdir)!r}, steps={len(self.steps)}, layers={len(self.layers)}, metrics={self.metrics})"
+
+
+def _from_records(logdir: Path, records: list[ProbeRecord]) -> Run:
+    by_step: dict[int, ProbeRecord] = {}
+    for record in records:  # a step written twice (resume without purge): the later record wins
+        by_step[record.step] = record
+    ordered = [by_step[s] for s in sorted(by_step)]
+    layers = sorted({layer for r in ordered for layer in r.layers})
+    column = {layer: j for j, layer in enumerate(layers)}
+    names: list[str] = []
+    for record in ordered:
+        names.extend(n for n in record.metrics if n not in names)
+    values = {name: np.full((len(ordered), len(layers)), np.nan) for name in names}
+    for i, record in enumerate(ordered):
+        for name, per_layer in record.metrics.items():
+            for layer, value in zip(record.layers, per_layer):
+                values[name][i, column[layer]] = value
+    return Run(logdir, ordered, values, [r.step for r in ordered], layers)
+
+
+def _from_event_files(logdir: Path) -> Run:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[tuple[str, int], dict[int, float]] = {}
+    event_dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
+    for directory in event_dirs:
+        accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            match = _SCALAR_TAG.match(tag)
+            if match is None:
+                continue
+            key = (match["metric"], int(match["layer"]))
+            for event in accumulator.Scalars(tag):
+                series.setdefault(key, {})[int(event.step)] = float(event.value)
+    if not series:
+        raise FileNotFoundError(
+            f"{logdir} has neither {JSONL_NAME} nor TensorBoard scalars named '{SCALAR_PREFIX}/<metric>/layer_<NN>'"
+        )
+    steps = sorted({s for points in series.values() for s in points})
+    layers = sorted({layer for _, layer in series})
+    names: list[str] = []
+    for name, _ in sorted(series, key=lambda k: k[1]):
+        if name not in names:
+            names.append(name)
+    row, column = {s: i for i, s in enumerate(steps)}, {layer: j for j, layer in enumerate(layers)}
+    values = {name: np.full((len(steps), len(layers)), np.nan) for name in names}
+    for (name, layer), points in series.items():
+        for step, value in points.items():
+            values[name][row[step], column[layer]] = value
+    return Run(logdir, [], values, steps, layers)
+
+
+def read_run(logdir: str | os.PathLike) -> Run:
+    """Read a run directory written by layerwatch (training, Accelerate or ``layerwatch trajectory``).
+
+    Reads ``layerwatch.jsonl`` when present (tolerating a truncated last line), otherwise the TensorBoard event
+    files (for example a run written by hand with ``SummaryWriter`` under the same tag names).
+    """
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise FileNotFoundError(f"run directory {str(logdir)!r} does not exist")
+    records = read_jsonl_records(logdir / JSONL_NAME)
+    if records:
+        return _from_records(logdir, records)
+    return _from_event_files(logdir)

@@ -1,0 +1,75 @@
+"""When to probe: every N optimizer steps, denser early in training, stretched when probes cost too much."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class ProbeSchedule:
+    """Decides at which optimizer steps the monitor probes.
+
+    Args:
+        every: probe every ``every`` optimizer steps.
+        log_spaced_start: also probe at steps 1, 2, 4, 8, ... below ``every``; representations change fastest early
+            in training, so a linear cadence would miss most of the early dynamics.
+        at_start: also probe at step 0 (before the first optimizer step).
+        max_overhead: if set, the largest fraction of training wall time probes may take. After each probe the
+            minimum gap between probes is stretched so that ``probe time <= max_overhead * training time``.
+
+    The decision depends only on the step and on ``min_gap``; in multi-process runs the monitor makes every rank
+    agree on ``min_gap`` (a maximum over ranks) so all ranks probe at the same steps.
+    """
+
+    every: int = 100
+    log_spaced_start: bool = True
+    at_start: bool = False
+    max_overhead: float | None = None
+    min_gap: int = 1
+    last_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"every must be a positive integer number of optimizer steps, got {self.every!r}")
+        if self.max_overhead is not None and not (0 < float(self.max_overhead) < 1):
+            raise ValueError(
+                f"max_overhead must be a fraction of wall time in (0, 1), e.g. 0.05 for 5%; got {self.max_overhead!r}"
+            )
+
+    def is_scheduled(self, step: int) -> bool:
+        """Whether ``step`` is on the nominal cadence, ignoring what was already probed."""
+        if step == 0:
+            return self.at_start
+        if step % self.every == 0:
+            return True
+        return self.log_spaced_start and step < self.every and (step & (step - 1)) == 0
+
+    def is_due(self, step: int) -> bool:
+        """Whether to probe at ``step``: scheduled, not probed yet, and far enough from the last probe."""
+        if step < 0:
+            return False
+        if self.last_step is not None:
+            if step <= self.last_step:
+                return False
+            if step - self.last_step < self.min_gap:
+                return False
+        return self.is_scheduled(step)
+
+    def mark_probed(self, step: int) -> None:
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def required_gap(self, probe_seconds: float, train_seconds_per_step: float) -> int:
+        """The smallest gap (in steps) that keeps probing within ``max_overhead`` of training time."""
+        if self.max_overhead is None or train_seconds_per_step <= 0:
+            return 1
+        return max(1, math.ceil(probe_seconds / (self.max_overhead * train_seconds_per_step)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("min_gap", "last_step"):
+            if key in state:
+                setattr(self, key, state[key])

@@ -1,0 +1,184 @@
+"""Where probe records go. A sink has two methods, ``write(record)`` and ``close()``; each backend is small.
+
+- :class:`JsonlSink`: ``layerwatch.jsonl``, one record per line, appended and flushed per probe (the source of truth
+  that :func:`layerwatch.read_run` reads).
+- :class:`TensorBoardSink`: per-layer scalars, a custom-scalars layout with one chart per metric, histograms of
+  per-prompt values, a layer x step heatmap and a depth-profile image per metric, and alerts as text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from layerwatch import images
+from layerwatch.record import SCALAR_PREFIX, ProbeRecord, scalar_tag
+
+logger = logging.getLogger(__name__)
+
+JSONL_NAME = "layerwatch.jsonl"
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Receives every probe record on the main process."""
+
+    def write(self, record: ProbeRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
+    """Records of a JSONL file in file order, skipping lines that do not parse (a crash mid-write truncates the last)."""
+    records: list[ProbeRecord] = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(ProbeRecord.from_json(line))
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s: skipping unreadable line %d (a run interrupted mid-write?)", path, number)
+    return records
+
+
+class JsonlSink:
+    """Appends one JSON object per probe to ``path`` and flushes it to disk.
+
+    Args:
+        path: the JSONL file.
+        resume_step: when a run resumes from a checkpoint at this step, records with a larger step (written after
+            the checkpoint by the interrupted run) are dropped so the series has no duplicate steps. A truncated
+            last line is dropped too.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_existing(resume_step)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def _clean_existing(self, resume_step: int | None) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        text = self.path.read_text(encoding="utf-8")
+        records = read_jsonl_records(self.path)
+        kept = [r for r in records if resume_step is None or r.step <= resume_step]
+        lines = [line for line in text.splitlines() if line.strip()]
+        if len(kept) == len(lines) and text.endswith("\n"):
+            return
+        # Rewrite atomically: the old file stays intact until the new one is complete.
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        if len(kept) < len(records):
+            logger.info("%s: dropped %d records after resume step %s", self.path, len(records) - len(kept), resume_step)
+
+    def write(self, record: ProbeRecord) -> None:
+        self._handle.write(record.to_json() + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+
+# One live TensorBoard writer per directory in this process: two writers in one directory interleave two event
+# files that TensorBoard merges into one confusing series.
+_LIVE_WRITER_DIRS: set[str] = set()
+_LIVE_WRITER_LOCK = threading.Lock()
+
+HISTOGRAM_METRICS = ("prompt_entropy", "curvature")
+
+
+class TensorBoardSink:
+    """Writes probe records as TensorBoard events in ``logdir``.
+
+    Args:
+        logdir: the run directory.
+        purge_step: on resume, the first step to write again; events at or after it from the interrupted run are
+            hidden by TensorBoard (``SummaryWriter(purge_step=...)``).
+        history: records already in the run (on resume), so heatmaps show the whole series.
+    """
+
+    def __init__(
+        self, logdir: str | os.PathLike, *, purge_step: int | None = None, history: list[ProbeRecord] | None = None
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.logdir = Path(logdir)
+        key = str(self.logdir.resolve())
+        with _LIVE_WRITER_LOCK:
+            if key in _LIVE_WRITER_DIRS:
+                raise ValueError(
+                    f"logdir={str(logdir)!r} already has a live layerwatch TensorBoard writer in this process; "
+                    "close() the other LayerWatch first or give this one another logdir"
+                )
+            _LIVE_WRITER_DIRS.add(key)
+        self._key = key
+        self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
+        self._history: dict[int, dict[str, list[float]]] = {}
+        self._layers: list[int] | None = None
+        self._layout_written = False
+        for record in history or []:
+            self._remember(record)
+
+    def _remember(self, record: ProbeRecord) -> None:
+        self._history[record.step] = record.metrics
+        self._layers = record.layers
+
+    def _write_layout(self, record: ProbeRecord) -> None:
+        charts = {
+            name: ["Multiline", [scalar_tag(name, layer) for layer in record.layers]] for name in record.metrics
+        }
+        self._writer.add_custom_scalars({SCALAR_PREFIX: charts})
+        self._layout_written = True
+
+    def write(self, record: ProbeRecord) -> None:
+        writer = self._writer
+        if not self._layout_written:
+            self._write_layout(record)
+        self._remember(record)
+        for tag, value in record.flat_scalars().items():
+            writer.add_scalar(tag, value, record.step)
+        writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
+        for name in HISTOGRAM_METRICS:
+            for layer, values in zip(record.layers, record.per_prompt.get(name, [])):
+                finite = np.asarray(values, dtype=np.float64)
+                finite = finite[np.isfinite(finite)]
+                if finite.size:
+                    writer.add_histogram(f"{SCALAR_PREFIX}/{name}_per_prompt/layer_{layer:02d}", finite, record.step)
+        steps = sorted(self._history)
+        for name, values in record.metrics.items():
+            matrix = np.array(
+                [self._history[s].get(name, [np.nan] * len(record.layers)) for s in steps], dtype=np.float64
+            ).T
+            writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", images.heatmap(matrix), record.step, dataformats="HWC")
+            writer.add_image(
+                f"{SCALAR_PREFIX}/depth_profile/{name}", images.depth_profile(np.asarray(values)), record.step,
+                dataformats="HWC",
+            )
+        for alert in record.alerts:
+            writer.add_text(f"{SCALAR_PREFIX}/alerts", alert, record.step)
+        writer.flush()
+
+    def write_errors(self, step: int, total_errors: int) -> None:
+        """The running count of failed probes, as ``layerwatch/errors``."""
+        self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", total_errors, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            with _LIVE_WRITER_LOCK:
+                _LIVE_WRITER_DIRS.discard(self._key)

@@ -1,0 +1,22 @@
+import os
+import sys
+
+import pytest
+
+# Make tests/models.py importable as `models` from every test file.
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from models import TINY_VOCAB, tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def tiny_model_factory():
+    return tiny_model
+
+
+@pytest.fixture
+def tiny_vocab():
+    return TINY_VOCAB
