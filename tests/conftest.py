@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 # Make tests/models.py importable as `models` from every test file.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -10,6 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from models import TINY_VOCAB, tiny_model  # noqa: E402
+
+# The tests run tiny models whose ops are dominated by per-op overhead; a second thread only adds contention
+# (and makes timings on a shared 2-core machine erratic).
+torch.set_num_threads(1)
 
 
 @pytest.fixture
