@@ -32,8 +32,10 @@ class AlertTracker:
             out.append(message)
             logger.warning("layerwatch alert: %s", message)
 
-    def check(self, step: int, layers: list[int], metrics: dict[str, list[float]]) -> list[str]:
-        """The new alerts at this probe."""
+    def check(
+        self, step: int, layers: list[int], metrics: dict[str, list[float]], *, check_drops: bool = True
+    ) -> list[str]:
+        """The new alerts at this probe; ``check_drops=False`` skips the relative-drop rule (threshold still applies)."""
         alerts: list[str] = []
         for layer, count in zip(layers, metrics.get("nonfinite", [])):
             if count and count > 0:
@@ -57,7 +59,7 @@ class AlertTracker:
                         f"below the threshold {self.collapse_threshold:g}",
                         alerts,
                     )
-                elif before is not None and j < len(before) and math.isfinite(before[j]) and before[j] > 0:
+                elif check_drops and before is not None and j < len(before) and math.isfinite(before[j]) and before[j] > 0:
                     drop = (before[j] - value) / before[j]
                     if drop > self.collapse_drop:
                         self._once(

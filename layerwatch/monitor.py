@@ -66,8 +66,8 @@ class ProbeError(RuntimeError):
     """A probe failed (on this rank or on another one)."""
 
 
-def _resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...], int]:
-    """(preset name, metric names, LiDAR views) from the ``metrics=`` argument."""
+def resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...], int]:
+    """(preset name, metric names, LiDAR views) from the ``metrics=`` argument; ValueError naming it if invalid."""
     if isinstance(metrics, str):
         if metrics not in METRIC_PRESETS:
             raise ValueError(
@@ -210,7 +210,7 @@ class LayerWatch:
         self.schedule = ProbeSchedule(
             every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
         )
-        self.preset, self.metric_names, lidar_views = _resolve_metrics(metrics)
+        self.preset, self.metric_names, lidar_views = resolve_metrics(metrics)
         if lidar_views and len(probe.views) < lidar_views:
             probe = probe.with_views(lidar_views)
         self.probe = probe
@@ -508,7 +508,8 @@ class LayerWatch:
                     values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer.double())
         layers = list(range(num_layers))
         metrics = {name: values[name].double().cpu().tolist() for name in self.metric_names if name in values}
-        alerts = self.alerts.check(step, layers, metrics)
+        # Early training compresses fast by design: the drop rule starts once probes are `every` steps apart.
+        alerts = self.alerts.check(step, layers, metrics, check_drops=step >= self.schedule.every)
         record = ProbeRecord(
             step=int(step),
             time=time.time(),

@@ -366,3 +366,15 @@ def _train(with_watch, tmp_path):
 
 def test_training_losses_are_bit_identical_with_and_without_probes(tmp_path):
     assert _train(False, tmp_path / "a") == _train(True, tmp_path / "b")
+
+
+def test_collapse_drop_rule_waits_for_the_regular_cadence():
+    from layerwatch.alerts import AlertTracker
+
+    tracker = AlertTracker(collapse_threshold=0.1, collapse_drop=0.5)
+    assert tracker.check(8, [0], {"prompt_entropy": [0.9]}, check_drops=False) == []
+    assert tracker.check(16, [0], {"prompt_entropy": [0.4]}, check_drops=False) == []  # fast early compression
+    assert tracker.check(100, [0], {"prompt_entropy": [0.4]}) == []
+    alerts = tracker.check(200, [0], {"prompt_entropy": [0.15]})
+    assert len(alerts) == 1 and "fell by 62%" in alerts[0]
+    assert tracker.check(300, [0], {"prompt_entropy": [0.01]}) == []  # once per condition
