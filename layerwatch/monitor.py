@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,7 @@ class LayerWatch:
         self.logdir = Path(logdir) if logdir is not None else None
         self.error_count = 0
         self._warned_kinds: set[str] = set()
-        self._validated: set[int] = set()
+        self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # by identity, forgotten when freed
         self._last_call: tuple[int, float] | None = None
         self._seconds_per_step: float | None = None
         self._sinks: list[Sink] = []
@@ -312,8 +313,8 @@ class LayerWatch:
         if kind not in self._warned_kinds:
             self._warned_kinds.add(kind)
             logger.warning(
-                "layerwatch probe at step %d failed (%s: %s); training goes on. Further %s failures are counted in "
-                "layerwatch/errors without a warning (strict=True raises instead)", step, kind, error, kind,
+                "layerwatch probe at step %d failed (%s: %s); carrying on without it. Further %s failures are counted "
+                "in layerwatch/errors without a warning (strict=True raises instead)", step, kind, error, kind,
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
         for sink in self._sinks:
@@ -342,7 +343,7 @@ class LayerWatch:
 
     def _validate(self, model: nn.Module) -> None:
         """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
-        if id(model) in self._validated:
+        if model in self._validated:
             return
         config = model_config(model)
         vocab = getattr(config, "vocab_size", None)
@@ -362,7 +363,7 @@ class LayerWatch:
                 f"the probe has prompts (or augmented views) of {longest} tokens but the model takes at most "
                 f"{max_positions} positions; build the probe with a smaller max_length"
             )
-        self._validated.add(id(model))
+        self._validated.add(model)
 
     def _passes(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         names = set(self.metric_names)
