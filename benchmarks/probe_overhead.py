@@ -171,6 +171,7 @@ def main():
     print(f"| probe / training step | {probe_time / step_time:.1f}x |")
     print(f"| one layer's activations (micro-batch) | {layer_bytes / MIB:.1f} MiB |")
     print(f"| pooled states [L+1, M, 3, D] | {pooled_bytes / MIB:.1f} MiB |")
+    print(f"| peak memory rise of the bare forwards alone | {memory['bare'] / MIB:.1f} MiB |")
     print(f"| peak extra memory, layerwatch hooks | {extra_layerwatch / MIB:.1f} MiB = {extra_layerwatch / layer_bytes:.1f} layers |")
     print(f"| peak extra memory, output_hidden_states=True | {extra_hidden / MIB:.1f} MiB = {extra_hidden / layer_bytes:.1f} layers |")
     budget = 2 * layer_bytes + pooled_bytes

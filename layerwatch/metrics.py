@@ -1,0 +1,892 @@
+"""Representation metrics of every layer (SPEC §1): pure, vectorized functions on torch tensors.
+
+The metrics are the ones of Skean et al., "Does Representation Matter?" (arXiv 2412.09563) and
+"Layer by Layer" (arXiv 2502.02013), implemented from their definitions (see
+``research/metrics-reference-notes.md``), without the reference code's known bugs (elementwise clamp of
+Gram matrices, batch-dependent centering, right/left padding mix-ups, NaN-prone edge cases).
+
+Conventions shared by every function:
+
+* Any number of leading batch dimensions (written ``...``, typically the layer axis) is accepted. The
+  work is vectorized over leading dimensions, prompts, tokens and views: one ``eigvalsh`` call per
+  function call covers a whole layer stack.
+* Token-level inputs are ``hidden[..., B, T, D]`` with ``mask[B, T]`` (or any shape that broadcasts to
+  ``hidden.shape[:-1]``; bool or 0/1, ``True`` = real token, ``None`` = all real). Any padding side works,
+  holes included. Padded slots may hold anything (NaN and inf too): they never reach a result.
+* Set-level inputs are ``pooled[..., M, D]`` (one row per prompt); views are ``views[..., M, Q, D]``.
+* Computation is in float64 internally. Results are float64 for float64 inputs and float32 otherwise,
+  on the input's device. Inputs are never modified.
+* Undefined values are NaN, never an exception: too few tokens, a prompt whose tokens are all identical,
+  non-finite values. A non-finite value poisons only its own prompt (token-level) or its own layer
+  (set-level).
+* Matrix spectra come from the smaller of the ``n x n`` Gram matrix and the ``D x D`` covariance (same
+  non-zero eigenvalues). Eigenvalues ``<= EIGENVALUE_RTOL * max`` are dropped. Nothing is clamped
+  elementwise.
+
+Implementation notes. Token-level metrics visit the flattened ``(..., B)`` prompts longest first in
+blocks of a few MB (each block fully vectorized; on CPU, float64 passes over a cache-sized block are many
+times faster than over one huge fresh tensor), crop each block to its longest prompt, and write the
+zero-padded Gram matrices of all blocks into one stack that goes through a single batched ``eigvalsh``
+(upper-triangle storage, so that LAPACK skips most of the zero padding). Curvature reuses the Gram
+diagonals. LiDAR works in the ``M·Q``-sized space (Woodbury identity) when that is smaller than ``D``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EIGENVALUE_RTOL",
+    "bimodality",
+    "curvature",
+    "dataset_entropy",
+    "dime",
+    "effective_rank",
+    "infonce",
+    "lidar",
+    "mean_pool",
+    "normalize",
+    "prompt_entropy",
+    "token_metrics",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Eigenvalues ``lambda <= EIGENVALUE_RTOL * max(lambda)`` of a Gram/covariance matrix are treated as zero.
+#: float64 rounding leaves the exactly-zero eigenvalues (centering makes every Gram rank deficient) at
+#: about ``n * 1e-16 * max(lambda)``; 1e-12 sits safely above that and below any eigenvalue that matters.
+EIGENVALUE_RTOL = 1e-12
+
+#: A centered row whose norm is ``<= ZERO_ROW_RTOL`` times the scale of its set (norm of the mean or of
+#: the largest centered row) is an exact zero up to rounding (e.g. all tokens of a prompt identical): it
+#: becomes a zero row, which contributes nothing to any Gram matrix.
+ZERO_ROW_RTOL = 1e-10
+
+#: A difference vector ``v_k = z_{k+1} - z_k`` of unit-norm tokens with ``|v_k|^2 <= CURVATURE_ZERO_TOL``
+#: counts as zero-length (consecutive tokens identical up to rounding); pairs using it are skipped.
+CURVATURE_ZERO_TOL = 1e-10
+
+# Target size (bytes of float64) of one block of rows in the CPU row-normalization loop.
+_CPU_BLOCK_BYTES = 2 << 20
+_ACCELERATOR_BLOCK_BYTES = 512 << 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation and dtype helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _result_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_real(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"`{name}` must be a real tensor, got dtype {x.dtype}")
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"`alpha` must be a positive finite number (1.0 for von Neumann entropy), got {alpha}")
+    return alpha
+
+
+def _bool_mask(mask: Tensor, shape: torch.Size, device: torch.device) -> Tensor:
+    """A bool mask broadcast (as a view) to ``shape``; ValueError if it does not broadcast."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"`mask` must be a torch.Tensor or None, got {type(mask).__name__}")
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(
+            f"`mask` of shape {tuple(mask.shape)} does not broadcast to {tuple(shape)}; pass the attention "
+            "mask [B, T] (True/1 = real token)"
+        )
+    mask = mask.to(device=device)
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    return mask.expand(shape)
+
+
+def _check_tokens(hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Validate token-level inputs; return hidden and a bool mask broadcast to ``hidden.shape[:-1]``."""
+    _check_real(hidden, "hidden")
+    if hidden.dim() < 3:
+        raise ValueError(f"`hidden` must have shape [..., B, T, D] (at least 3 dims), got {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError("`hidden` has hidden size D = 0")
+    if mask is None:
+        return hidden, None
+    return hidden, _bool_mask(mask, hidden.shape[:-1], hidden.device)
+
+
+def _check_sets(x: Tensor, name: str, min_dim: int = 2) -> None:
+    _check_real(x, name)
+    if x.dim() < min_dim:
+        what = "[..., M, D]" if min_dim == 2 else "[..., M, Q, D]"
+        raise ValueError(f"`{name}` must have shape {what}, got {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"`{name}` has feature size D = 0")
+
+
+class _TokenBlocks:
+    """Prompts of a token-level input, visited longest first in blocks of a few MB.
+
+    ``hidden[..., B, T, D]`` is flattened to ``rows = prod(...) * B`` prompts. Sorting by length groups
+    prompts of similar length (the layers of one prompt share its length), so each block is cropped to its
+    longest prompt and most blocks hold a single length (no padding left, no mask needed); if the padding
+    is not on the right, a block's valid tokens are moved to the front (in order) first. Iterating yields
+    ``(start, stop, tokens[p, width, D], valid[p, width] | None)`` in sorted order (``None``: all valid);
+    per-prompt results computed in sorted order go back to the input order with :meth:`unsort`. This is a
+    loop over memory blocks, each processed by vectorized ops, not over prompts.
+    """
+
+    def __init__(self, hidden: Tensor, mask: Tensor | None) -> None:
+        *self.lead, t, d = hidden.shape
+        self.device = hidden.device
+        self.rows = rows = math.prod(self.lead)
+        self.tokens, self.hidden_size = hidden.reshape(rows, t, d), d
+        if mask is None:
+            self.valid = None
+            count = torch.full((rows,), t, dtype=torch.long, device=self.device)
+            self.prefix = True
+        else:
+            self.valid = mask.reshape(rows, t)
+            count = self.valid.sum(-1)
+            positions = torch.arange(t, device=self.device)
+            self.prefix = bool((self.valid == (positions < count.unsqueeze(-1))).all()) if rows else True
+        self.order = torch.argsort(count, descending=True, stable=True)
+        self.in_place = bool((self.order == torch.arange(rows, device=self.device)).all())
+        self.count = count[self.order]  # valid tokens per prompt, sorted order
+        self.longest = int(self.count[0]) if rows else 0
+
+    def __iter__(self) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
+        lengths = self.count.tolist()
+        descending = [-n for n in lengths]
+        target = _CPU_BLOCK_BYTES if self.device.type == "cpu" else _ACCELERATOR_BLOCK_BYTES
+        positions = torch.arange(self.longest, device=self.device)
+        x, valid, order = self.tokens, self.valid, self.order
+        start = 0
+        while start < self.rows:
+            width = lengths[start]  # the block's longest prompt
+            if width == 0:  # only prompts without valid tokens are left
+                return
+            stop = min(self.rows, start + max(1, target // (width * self.hidden_size * 8)))
+            # prompts of one length make a block without padding (and without mask): end the block where the
+            # length changes unless that would leave it less than half full
+            same = bisect.bisect_right(descending, -width, start, stop)
+            if 2 * (same - start) >= stop - start:
+                stop = same
+            uniform = lengths[stop - 1] == width
+            if self.prefix:  # right padding (or none): the first `width` tokens hold every valid token
+                xb = x[start:stop, :width] if self.in_place else x[:, :width].index_select(0, order[start:stop])
+                mb = None if valid is None or uniform else positions[:width] < self.count[start:stop, None]
+            else:  # left padding or holes: valid tokens first, in their order
+                index = order[start:stop]
+                mb = valid.index_select(0, index)
+                token_order = torch.argsort((~mb).to(torch.uint8), dim=-1, stable=True)[:, :width]
+                xb = x[index.unsqueeze(-1), token_order]
+                mb = None if uniform else torch.take_along_dim(mb, token_order, dim=-1)
+            yield start, stop, xb, mb
+            start = stop
+
+    def unsort(self, values: Tensor) -> Tensor:
+        """Per-prompt values ``[rows, ...]`` in sorted order -> ``[..., B, ...]`` in input order."""
+        inverse = torch.empty_like(self.order)
+        inverse[self.order] = torch.arange(self.rows, device=self.device)
+        return values[inverse].reshape(*self.lead, *values.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# numerical core (float64)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _zero_rows(x: Tensor, invalid: Tensor) -> None:
+    """Set the rows ``x[..., i, :]`` where ``invalid[..., i]`` to exactly 0, in place (x contiguous)."""
+    if x.device.type == "cpu":
+        # a row-wise index fill is ~10x faster on CPU than masked_fill_ with a broadcast mask
+        rows = invalid.reshape(-1).nonzero().squeeze(-1)
+        if rows.numel():
+            x.view(-1, x.shape[-1]).index_fill_(0, rows, 0.0)
+    else:
+        x.masked_fill_(invalid.unsqueeze(-1), 0.0)
+
+
+def _centered(x: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> tuple[Tensor, Tensor]:
+    """Float64 copy of ``x[..., N, D]`` with the mean of the valid rows subtracted.
+
+    Returns ``(centered, mean_norm[..., 1])``. Invalid rows are zeroed before any arithmetic, so garbage
+    (NaN, inf) in them never reaches a result; after centering they are zeroed again (they would hold
+    ``-mean``) unless ``zero_invalid=False`` (callers that never read them).
+    """
+    centered = x.to(torch.float64, copy=True)
+    if mask is None:
+        mean = centered.mean(-2, keepdim=True)
+        centered.sub_(mean)
+    else:
+        invalid = ~mask
+        _zero_rows(centered, invalid)
+        count = mask.sum(-1, keepdim=True).unsqueeze(-1).clamp(min=1)
+        mean = centered.sum(-2, keepdim=True) / count
+        centered.sub_(mean)
+        if zero_invalid:
+            _zero_rows(centered, invalid)
+    return centered, torch.linalg.vector_norm(mean, dim=-1)
+
+
+def _inverse_norms(squared_norms: Tensor, mean_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """``1 / ||c_i||`` for the centered rows, 0 for rows that are zero up to rounding; and the bad-set flag.
+
+    ``squared_norms[..., N]``, ``mean_norm[..., 1]``. A set is bad (``[...]`` True) when it holds a
+    non-finite value.
+    """
+    norms = torch.sqrt(squared_norms)
+    scale = torch.maximum(mean_norm, norms.amax(-1, keepdim=True)) if norms.shape[-1] else mean_norm
+    keep = norms > ZERO_ROW_RTOL * scale
+    inverse = torch.where(keep, norms.reciprocal(), 0.0)
+    bad = ~torch.isfinite(scale.squeeze(-1))
+    return inverse, bad
+
+
+def _center_unit(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """normalize() in float64: ``(z, bad)`` with ``z[..., N, D]`` (invalid and zero rows exactly 0) and
+    ``bad[...]`` True where the set holds a non-finite value (its ``z`` is meaningless)."""
+    z, mean_norm = _centered(x, mask)
+    inverse, bad = _inverse_norms(torch.linalg.vector_norm(z, dim=-1).square(), mean_norm)
+    z.mul_(inverse.unsqueeze(-1))
+    return z, bad
+
+
+def _safe_eigvalsh(mats: Tensor, bad: Tensor | None = None) -> Tensor:
+    """Batched float64 eigenvalues; a non-finite matrix gets NaN eigenvalues without failing the batch.
+
+    ``bad[...]``, when given, flags every matrix that may be non-finite (the others are known finite);
+    ``mats`` is then owned by the caller and overwritten with zeros there.
+    """
+    # UPLO="U": LAPACK then reduces from the last column, so zero padding at the end costs almost nothing
+    if mats.numel() == 0:
+        return mats.new_zeros(mats.shape[:-1])
+    if bad is not None:
+        if bool(bad.any()):
+            mats[bad] = 0.0
+        return torch.where(bad.unsqueeze(-1), math.nan, torch.linalg.eigvalsh(mats, UPLO="U"))
+    finite = torch.isfinite(mats).flatten(-2).all(-1)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        mats = torch.where(finite[..., None, None], mats, 0.0)
+    values = torch.linalg.eigvalsh(mats, UPLO="U")
+    if not all_finite:
+        values = torch.where(finite[..., None], values, math.nan)
+    return values
+
+
+def _kept_eigenvalues(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero out eigenvalues below the relative threshold; return (kept values, undefined flag)."""
+    top = values.amax(-1, keepdim=True)
+    keep = values > EIGENVALUE_RTOL * top
+    kept = torch.where(keep, values, 0.0)
+    undefined = torch.isnan(top.squeeze(-1)) | ~(top.squeeze(-1) > 0)
+    return kept, undefined
+
+
+def _entropy_from_eigenvalues(values: Tensor, alpha: float) -> Tensor:
+    """Matrix Rényi entropy S_alpha (nats) of the spectrum ``values[..., n]``; NaN if no eigenvalue is kept."""
+    kept, undefined = _kept_eigenvalues(values)
+    p = kept / kept.sum(-1, keepdim=True)
+    if alpha == 1.0:
+        entropy = 0.0 - torch.special.xlogy(p, p).sum(-1)  # 0.0 - x: a zero entropy is +0, not -0
+    else:
+        entropy = torch.log(torch.where(p > 0, p, 0.0).pow(alpha).sum(-1)) / (1.0 - alpha)
+    return torch.where(undefined, math.nan, entropy)
+
+
+def _gram_eigenvalues(z: Tensor, side: str = "auto") -> Tensor:
+    """Eigenvalues of ``z zᵀ`` (n x n) or ``zᵀ z`` (D x D) for ``z[..., n, D]``: the smaller one by default."""
+    n, d = z.shape[-2], z.shape[-1]
+    if side == "auto":
+        side = "rows" if n <= d else "columns"
+    gram = z @ z.mT if side == "rows" else z.mT @ z
+    return _safe_eigvalsh(gram)
+
+
+def _curvature_from_bands(
+    d0: Tensor, d1: Tensor, d2: Tensor, count: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Signed and absolute curvature from the three Gram diagonals of compacted unit tokens.
+
+    ``d0[..., T] = <z_k, z_k>``, ``d1[..., T-1] = <z_k, z_{k+1}>``, ``d2[..., T-2] = <z_k, z_{k+2}>``;
+    ``count[...]`` = number of valid tokens (they come first).
+    """
+    t = d0.shape[-1]
+    if t < 3:
+        nan = torch.full(d0.shape[:-1], math.nan, dtype=d0.dtype, device=d0.device)
+        return nan, nan.clone()
+    length_sq = d0[..., :-1] + d0[..., 1:] - 2.0 * d1  # |v_k|^2, k = 0..T-2
+    dot = d1[..., 1:] - d0[..., 1:-1] - d2 + d1[..., :-1]  # <v_k, v_{k+1}>, k = 0..T-3
+    nonzero = length_sq > CURVATURE_ZERO_TOL
+    index = torch.arange(t - 2, device=d0.device)
+    pair = (index < (count.unsqueeze(-1) - 2)) & nonzero[..., :-1] & nonzero[..., 1:]
+    denominator = torch.sqrt(torch.where(pair, length_sq[..., :-1] * length_sq[..., 1:], 1.0))
+    cosine = torch.where(pair, dot / denominator, 0.0).clamp(-1.0, 1.0)
+    pairs = pair.sum(-1)
+    signed = torch.where(pair, torch.arccos(cosine), 0.0).sum(-1) / pairs
+    absolute = torch.where(pair, torch.arccos(cosine.abs()), 0.0).sum(-1) / pairs
+    none = pairs == 0
+    return torch.where(none, math.nan, signed), torch.where(none, math.nan, absolute)
+
+
+def _token_core(
+    hidden: Tensor,
+    mask: Tensor | None,
+    *,
+    entropy: bool,
+    curvature: bool,
+    alpha: float = 1.0,
+    normalized: bool = True,
+) -> dict[str, Tensor]:
+    """Shared engine of prompt_entropy, curvature and token_metrics (float64 results, shape [..., B]).
+
+    Blocks of prompts (see :class:`_TokenBlocks`) are centered in float64. For entropy, the Gram matrices
+    of their unit rows (or the D x D covariances when the longest prompt exceeds D) are written into one
+    zero-padded stack that goes through a single ``eigvalsh`` call. Curvature needs only the Gram
+    diagonals ``<z_k, z_k>``, ``<z_k, z_{k+1}>``, ``<z_k, z_{k+2}>``: read from the Gram stack when there is
+    one, else computed directly from the tokens (a few elementwise passes instead of a T x T Gram).
+    """
+    hidden, mask = _check_tokens(hidden, mask)
+    blocks = _TokenBlocks(hidden, mask)
+    rows, d = blocks.rows, blocks.hidden_size
+    size = max(blocks.longest, 1)  # all-padding token positions are dropped everywhere
+    use_gram = entropy and size <= d
+    use_cov = entropy and size > d
+    f64 = dict(dtype=torch.float64, device=hidden.device)
+    gram = torch.empty(rows, size, size, **f64) if use_gram else None
+    cov = torch.empty(rows, d, d, **f64) if use_cov else None
+    bands = curvature and not use_gram
+    if bands:  # squared norms and products <c_k, c_{k+1}>, <c_k, c_{k+2}> of the centered tokens
+        band0 = torch.zeros(rows, size, **f64)
+        band1 = torch.zeros(rows, max(size - 1, 0), **f64)
+        band2 = torch.zeros(rows, max(size - 2, 0), **f64)
+        mean_norms = torch.zeros(rows, 1, **f64)
+    bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
+
+    for start, stop, xb, mb in blocks:
+        width = xb.shape[-2]
+        # the curvature bands only read pairs of valid tokens (valid ones come first)
+        c, mean_norm = _centered(xb, mb, zero_invalid=entropy)
+        if use_gram:
+            # Gram of the centered rows, scaled to unit rows: G_ij = <c_i, c_j> / (|c_i| |c_j|); the rows and
+            # columns beyond the block's longest prompt are exactly zero
+            gram[start:stop, width:] = 0.0
+            gram[start:stop, :width, width:] = 0.0
+            g = torch.matmul(c, c.mT, out=gram[start:stop, :width, :width])
+            inverse, bad[start:stop] = _inverse_norms(torch.diagonal(g, 0, -2, -1), mean_norm)
+            g.mul_(inverse.unsqueeze(-1)).mul_(inverse.unsqueeze(-2))
+            continue
+        squared = torch.linalg.vector_norm(c, dim=-1).square_()
+        if bands:
+            band0[start:stop, :width] = squared
+            band1[start:stop, : max(width - 1, 0)] = (c[:, :-1] * c[:, 1:]).sum(-1)
+            band2[start:stop, : max(width - 2, 0)] = (c[:, :-2] * c[:, 2:]).sum(-1)
+            mean_norms[start:stop] = mean_norm
+        if use_cov:
+            inverse, bad[start:stop] = _inverse_norms(squared, mean_norm)
+            z = c.mul_(inverse.unsqueeze(-1))
+            torch.matmul(z.mT, z, out=cov[start:stop])
+
+    count = blocks.count
+    if entropy:  # prompts without valid tokens (sorted last) were never visited
+        (gram if use_gram else cov)[count == 0] = 0.0
+    results: dict[str, Tensor] = {}
+    if entropy:
+        values = _entropy_from_eigenvalues(_safe_eigvalsh(gram if use_gram else cov, bad), alpha)
+        if normalized:
+            values = values / torch.log(count.to(torch.float64).clamp(max=d))
+        results["prompt_entropy"] = torch.where((count < 2) | bad, math.nan, values)
+    if curvature:
+        if use_gram:
+            d0, d1, d2 = (torch.diagonal(gram, k, -2, -1) for k in (0, 1, 2))
+        else:  # products of the centered tokens -> products of the unit tokens
+            inverse, bad = _inverse_norms(band0, mean_norms)
+            d0 = band0 * inverse * inverse
+            d1 = band1 * inverse[:, :-1] * inverse[:, 1:]
+            d2 = band2 * inverse[:, :-2] * inverse[:, 2:]
+        signed, absolute = _curvature_from_bands(d0, d1, d2, count)
+        results["curvature"] = torch.where(bad, math.nan, signed)
+        results["curvature_abs"] = torch.where(bad, math.nan, absolute)
+    return {key: blocks.unsort(value) for key, value in results.items()}
+
+
+def _dime_permutations(m: int, n_permutations: int, generator: torch.Generator | None) -> Tensor:
+    """``[n_permutations, m]`` uniformly random permutations from ``generator`` (its own device)."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    keys = torch.rand(n_permutations, m, generator=generator, dtype=torch.float64, device=generator.device)
+    return keys.argsort(dim=-1)
+
+
+def _lidar_kernel(z: Tensor, delta: float, method: str = "auto") -> Tensor:
+    """Symmetric matrix whose non-zero spectrum is that of Σ_w^{-1/2} Σ_b Σ_w^{-1/2}.
+
+    ``z[..., M, Q, D]`` are rows already normalized jointly over all M·Q rows (float64, finite).
+    ``method``: "woodbury" works in the M·Q-sized space (Σ_w^{-1} via the Woodbury identity and the
+    within-class Gram), "direct" in the D-sized space (Cholesky of the D x D Σ_w); "auto" picks the
+    smaller.
+    """
+    *lead, m, q, d = z.shape
+    class_means = z.mean(-2)  # [..., M, D]
+    grand_mean = class_means.mean(-2, keepdim=True)
+    between = (class_means - grand_mean).mT / math.sqrt(m)  # B [..., D, M]: Σ_b = B Bᵀ
+    within = (z - class_means.unsqueeze(-2)).reshape(*lead, m * q, d) / math.sqrt(m * q)  # W̃: Σ_w = W̃ᵀW̃ + δI
+    if method == "auto":
+        method = "woodbury" if m * q < d else "direct"
+    if method == "woodbury":
+        # Bᵀ Σ_w^{-1} B = (BᵀB - (W̃B)ᵀ (δI + W̃W̃ᵀ)^{-1} (W̃B)) / δ      (M x M)
+        small = within @ within.mT
+        small.diagonal(dim1=-2, dim2=-1).add_(delta)
+        cross = within @ between  # [..., MQ, M]
+        factor, info = torch.linalg.cholesky_ex(small)
+        solved = torch.cholesky_solve(cross, factor)
+        kernel = (between.mT @ between - cross.mT @ solved) / delta
+        kernel = 0.5 * (kernel + kernel.mT)
+    elif method == "direct":
+        # L^{-1} B with Σ_w = L Lᵀ: (L^{-1}B)(L^{-1}B)ᵀ is similar to Σ_w^{-1} Σ_b
+        sigma_w = within.mT @ within
+        sigma_w.diagonal(dim1=-2, dim2=-1).add_(delta)
+        factor, info = torch.linalg.cholesky_ex(sigma_w)
+        scaled = torch.linalg.solve_triangular(factor, between, upper=False)  # [..., D, M]
+        kernel = scaled @ scaled.mT if d <= m else scaled.mT @ scaled
+    else:
+        raise ValueError(f"unknown LiDAR method {method!r}")
+    failed = info != 0
+    if bool(failed.any()):
+        logger.debug("lidar: Cholesky factorization failed for %d of %d sets", int(failed.sum()), failed.numel())
+        kernel = torch.where(failed[..., None, None], math.nan, kernel)
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def normalize(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Center the (valid) rows of each set and scale every row to unit L2 norm.
+
+    This is the preprocessing the papers apply before every metric, and part of each metric's
+    definition. A row equal to the mean (up to rounding) becomes a zero row instead of NaN.
+
+    Args:
+        x: ``[..., N, D]`` rows (any real dtype).
+        mask: optional ``[..., N]`` (broadcastable; bool or 0/1, True = valid row). Invalid rows are
+            excluded from the mean and returned as zeros.
+
+    Returns:
+        ``[..., N, D]``, float64 for float64 input and float32 otherwise. A set holding a non-finite
+        valid value returns NaN in its valid rows.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import normalize
+        >>> normalize(torch.tensor([[1.0, 1.0], [3.0, 1.0], [7.0, 7.0]]), torch.tensor([True, True, False]))
+        tensor([[-1.,  0.],
+                [ 1.,  0.],
+                [ 0.,  0.]])
+    """
+    _check_sets(x, "x")
+    bool_mask = None
+    if mask is not None:
+        bool_mask = _bool_mask(mask, x.shape[:-1], x.device)
+    z, bad = _center_unit(x, bool_mask)
+    if bool(bad.any()):
+        poisoned = bad[..., None] if bool_mask is None else bad[..., None] & bool_mask
+        z = torch.where(poisoned.unsqueeze(-1), math.nan, z)
+    return z.to(_result_dtype(x))
+
+
+@torch.no_grad()
+def mean_pool(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of each prompt's valid (raw, not normalized) token vectors.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask (broadcastable to ``hidden.shape[:-1]``; True/1 = real).
+
+    Returns:
+        ``[..., B, D]``; NaN for a prompt without valid tokens.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import mean_pool
+        >>> hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [float("nan"), 0.0]]])
+        >>> mean_pool(hidden, torch.tensor([[1, 1, 0]]))
+        tensor([[2., 3.]])
+    """
+    hidden, mask = _check_tokens(hidden, mask)
+    blocks = _TokenBlocks(hidden, mask)
+    total = torch.zeros(blocks.rows, blocks.hidden_size, dtype=torch.float64, device=hidden.device)
+    for start, stop, xb, mb in blocks:
+        kept = xb.to(torch.float64, copy=True)
+        if mb is not None:
+            _zero_rows(kept, ~mb)
+        total[start:stop] = kept.sum(-2)
+    pooled = total / blocks.count.unsqueeze(-1)  # 0 / 0 = NaN for a prompt without valid tokens
+    return blocks.unsort(pooled).to(_result_dtype(hidden))
+
+
+@torch.no_grad()
+def prompt_entropy(
+    hidden: Tensor, mask: Tensor | None = None, *, alpha: float = 1.0, normalized: bool = True
+) -> Tensor:
+    """Matrix Rényi entropy of each prompt's normalized tokens (SPEC §1).
+
+    Per prompt: ``Z = normalize(valid tokens)``, ``S_alpha(Z)`` from the eigenvalues of the ``N x N``
+    Gram, zero-padded to the longest prompt of the call (or of the ``D x D`` covariance when the longest
+    prompt exceeds ``D``); if ``normalized``, divided by ``ln(min(N, D))`` with ``N`` the prompt's number
+    of valid tokens.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask (any padding side; padded values are ignored).
+        alpha: Rényi order (1 = von Neumann / Shannon, the papers' choice).
+        normalized: divide by ``ln(min(N, D))``.
+
+    Returns:
+        ``[..., B]``; NaN for prompts with fewer than 2 valid tokens, with all tokens identical, or with
+        non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import prompt_entropy
+        >>> tokens = torch.tensor([[[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]])
+        >>> prompt_entropy(tokens, normalized=False)  # two orthogonal directions: ln 2
+        tensor([0.6931])
+        >>> prompt_entropy(tokens)  # divided by ln(min(4, 3))
+        tensor([0.6309])
+    """
+    alpha = _check_alpha(alpha)
+    out = _token_core(hidden, mask, entropy=True, curvature=False, alpha=alpha, normalized=normalized)
+    return out["prompt_entropy"].to(_result_dtype(hidden))
+
+
+@torch.no_grad()
+def curvature(hidden: Tensor, mask: Tensor | None = None, *, absolute: bool = False) -> Tensor:
+    """Average curvature of each prompt's token trajectory (SPEC §1).
+
+    Per prompt: ``Z = normalize(valid tokens)``, ``v_k = z_{k+1} - z_k``, ``c_k = arccos(cos(v_k, v_{k+1}))``
+    in ``[0, pi]``, mean over ``k``. Pairs with a zero-length ``v`` are skipped. ``absolute=True`` uses
+    ``arccos(|cos|)`` in ``[0, pi/2]`` (the authors' later code).
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask (any padding side, holes allowed: consecutive means
+            consecutive among the valid tokens).
+        absolute: fold the angle as in the authors' ICML code.
+
+    Returns:
+        ``[..., B]`` in radians; NaN when no pair remains (fewer than 3 valid tokens) or the prompt holds
+        non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import curvature
+        >>> square = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]   # turns by 90 degrees
+        >>> zigzag = [[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]   # reverses every step
+        >>> curvature(torch.tensor([square, zigzag]))
+        tensor([1.5708, 3.1416])
+        >>> curvature(torch.tensor([square, zigzag]), absolute=True)
+        tensor([1.5708, 0.0000])
+    """
+    out = _token_core(hidden, mask, entropy=False, curvature=True)
+    return out["curvature_abs" if absolute else "curvature"].to(_result_dtype(hidden))
+
+
+@torch.no_grad()
+def token_metrics(
+    hidden: Tensor, mask: Tensor | None = None, *, alpha: float = 1.0, normalized: bool = True
+) -> dict[str, Tensor]:
+    """Prompt entropy, curvature and absolute curvature from one Gram matrix per prompt.
+
+    Equivalent to calling :func:`prompt_entropy` and :func:`curvature` (both variants), but the
+    normalized tokens and their Gram matrix are computed once: curvature only needs the Gram entries
+    ``<z_k, z_k>``, ``<z_k, z_{k+1}>`` and ``<z_k, z_{k+2}>``.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask.
+        alpha: Rényi order of the entropy.
+        normalized: divide the entropy by ``ln(min(N, D))``.
+
+    Returns:
+        ``{"prompt_entropy", "curvature", "curvature_abs"}``, each ``[..., B]``.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import token_metrics
+        >>> tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]])
+        >>> values = token_metrics(tokens)
+        >>> sorted(values)
+        ['curvature', 'curvature_abs', 'prompt_entropy']
+        >>> values["prompt_entropy"], values["curvature"]
+        (tensor([1.]), tensor([1.5708]))
+    """
+    alpha = _check_alpha(alpha)
+    out = _token_core(hidden, mask, entropy=True, curvature=True, alpha=alpha, normalized=normalized)
+    dtype = _result_dtype(hidden)
+    return {key: value.to(dtype) for key, value in out.items()}
+
+
+@torch.no_grad()
+def dataset_entropy(pooled: Tensor, *, alpha: float = 1.0, normalized: bool = True) -> Tensor:
+    """Matrix Rényi entropy of the set of pooled prompt embeddings (SPEC §1).
+
+    ``Z = normalize(pooled)`` over the M rows, ``S_alpha(Z)``; if ``normalized``, divided by
+    ``ln(min(M, D))``.
+
+    Args:
+        pooled: ``[..., M, D]``, one row per prompt (e.g. from :func:`mean_pool`).
+        alpha: Rényi order.
+        normalized: divide by ``ln(min(M, D))``.
+
+    Returns:
+        ``[...]``; NaN for M < 2 and for sets holding non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import dataset_entropy
+        >>> pooled = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+        >>> dataset_entropy(pooled, normalized=False), dataset_entropy(pooled)
+        (tensor(0.6931), tensor(0.6309))
+    """
+    _check_sets(pooled, "pooled")
+    alpha = _check_alpha(alpha)
+    m, d = pooled.shape[-2], pooled.shape[-1]
+    z, bad = _center_unit(pooled, None)
+    result = _entropy_from_eigenvalues(_gram_eigenvalues(z), alpha)
+    if normalized:
+        result = result / math.log(min(m, d)) if min(m, d) > 1 else torch.full_like(result, math.nan)
+    if m < 2:
+        result = torch.full_like(result, math.nan)
+    return torch.where(bad, math.nan, result).to(_result_dtype(pooled))
+
+
+@torch.no_grad()
+def effective_rank(pooled: Tensor) -> Tensor:
+    """RankMe effective rank of the pooled embeddings (SPEC §1).
+
+    ``sigma`` = singular values of ``normalize(pooled)`` (square roots of the Gram eigenvalues, the same
+    relative threshold applied to ``sigma**2``), ``p = sigma / sum(sigma)``, ``exp(-sum p ln p)``.
+
+    Args:
+        pooled: ``[..., M, D]``, one row per prompt.
+
+    Returns:
+        ``[...]``, between 1 and ``min(M - 1, D)``; NaN for sets with non-finite values or no spread.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import effective_rank
+        >>> pooled = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+        >>> effective_rank(pooled)
+        tensor(2.0000)
+    """
+    _check_sets(pooled, "pooled")
+    z, bad = _center_unit(pooled, None)
+    kept, undefined = _kept_eigenvalues(_gram_eigenvalues(z))
+    sigma = torch.sqrt(kept)
+    p = sigma / sigma.sum(-1, keepdim=True)
+    result = torch.exp(-torch.special.xlogy(p, p).sum(-1))
+    return torch.where(bad | undefined, math.nan, result).to(_result_dtype(pooled))
+
+
+@torch.no_grad()
+def infonce(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tensor:
+    """InfoNCE loss between two views of the same prompts (SPEC §1), in nats.
+
+    ``A = normalize(view_a)``, ``B = normalize(view_b)`` (each over its own M rows);
+    ``L = mean_i -log softmax_j(<a_i, b_j> / temperature)[i]``. Chance level is about ``ln M``; lower means
+    the views of a prompt are identifiable among the others.
+
+    Args:
+        view_a: ``[..., M, D]`` pooled embeddings of view A.
+        view_b: ``[..., M, D]`` pooled embeddings of view B (row i = same prompt as row i of A).
+        temperature: softmax temperature.
+
+    Returns:
+        ``[...]``; NaN for layers with non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import infonce
+        >>> a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> infonce(a, a, temperature=1.0), infonce(a, a[[1, 0, 3, 2]], temperature=1.0)
+        (tensor(0.6265), tensor(2.6265))
+    """
+    _check_sets(view_a, "view_a")
+    _check_sets(view_b, "view_b")
+    if view_a.shape[-2:] != view_b.shape[-2:]:
+        raise ValueError(f"views must have the same [M, D], got {tuple(view_a.shape)} and {tuple(view_b.shape)}")
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    a, bad_a = _center_unit(view_a, None)
+    b, bad_b = _center_unit(view_b, None)
+    logits = (a @ b.mT) / temperature
+    loss = (torch.logsumexp(logits, dim=-1) - torch.diagonal(logits, 0, -2, -1)).mean(-1)
+    dtype = torch.float64 if torch.float64 in (view_a.dtype, view_b.dtype) else torch.float32
+    return torch.where(bad_a | bad_b, math.nan, loss).to(dtype)
+
+
+@torch.no_grad()
+def lidar(views: Tensor, *, alpha: float = 1.0, delta: float = 1e-4) -> Tensor:
+    """LiDAR: matrix entropy of the LDA matrix of augmented views (SPEC §1), in nats.
+
+    ``Z = normalize`` over all ``M·Q`` rows jointly; prompt i is a class with views ``z_ij``; class means
+    ``mu_i``, grand mean ``mu``; ``Σ_b = (1/M) Σ_i (mu_i-mu)(mu_i-mu)ᵀ``,
+    ``Σ_w = (1/(MQ)) Σ_ij (z_ij-mu_i)(z_ij-mu_i)ᵀ + delta I``; returns ``S_alpha(Σ_w^{-1/2} Σ_b Σ_w^{-1/2})``
+    (``exp`` of it is the LiDAR effective rank). The spectrum is computed in an ``M·Q``-sized space with the
+    Woodbury identity when ``M·Q < D`` and with ``D x D`` matrices otherwise.
+
+    Args:
+        views: ``[..., M, Q, D]``, Q views (e.g. pooled augmentations) of each of M prompts.
+        alpha: Rényi order.
+        delta: ridge added to Σ_w (absolute, on unit-norm rows).
+
+    Returns:
+        ``[...]``; NaN for layers with non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import lidar
+        >>> views = torch.tensor([[[1.0, 0.0, 0.1], [1.0, 0.0, -0.1]],     # 4 prompts x 2 views:
+        ...                       [[-1.0, 0.0, 0.1], [-1.0, 0.0, -0.1]],   # classes spread evenly over
+        ...                       [[0.0, 1.0, 0.1], [0.0, 1.0, -0.1]],     # a plane, views differ only
+        ...                       [[0.0, -1.0, 0.1], [0.0, -1.0, -0.1]]])  # along a third axis
+        >>> lidar(views)  # two equal LDA eigenvalues: ln 2
+        tensor(0.6931)
+    """
+    _check_sets(views, "views", min_dim=3)
+    alpha = _check_alpha(alpha)
+    delta = float(delta)
+    if not delta > 0:
+        raise ValueError(f"`delta` must be positive, got {delta}")
+    *lead, m, q, d = views.shape
+    z, bad = _center_unit(views.reshape(*lead, m * q, d), None)
+    if bool(bad.any()):
+        z = torch.where(bad[..., None, None], 0.0, z)
+    kernel = _lidar_kernel(z.reshape(*lead, m, q, d), delta)
+    result = _entropy_from_eigenvalues(_safe_eigvalsh(kernel), alpha)
+    return torch.where(bad, math.nan, result).to(_result_dtype(views))
+
+
+@torch.no_grad()
+def dime(
+    view_a: Tensor,
+    view_b: Tensor,
+    *,
+    alpha: float = 1.0,
+    n_permutations: int = 10,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DiME: difference of matrix-based entropies between permuted and true view pairings (SPEC §1).
+
+    ``A, B`` normalized as in :func:`infonce`; ``K_A = A Aᵀ``, ``K_B = B Bᵀ`` (always ``M x M``);
+    ``H(K) = S_alpha`` of the trace-normalized Hadamard product;
+    ``DiME = mean_P H(K_A ∘ P K_B Pᵀ) - H(K_A ∘ K_B)`` over ``n_permutations`` random permutations. The same
+    permutations are used for every leading index (layer), so layers are compared on equal terms. All
+    entropies are computed in one batched eigendecomposition.
+
+    Args:
+        view_a: ``[..., M, D]`` pooled embeddings of view A.
+        view_b: ``[..., M, D]`` pooled embeddings of view B.
+        alpha: Rényi order.
+        n_permutations: number of random permutations.
+        generator: source of the permutations; ``None`` uses a fresh generator seeded with 0 (the global
+            RNG is never touched).
+
+    Returns:
+        ``[...]`` in nats; about 0 when views are unrelated, positive when they share sample structure.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import dime
+        >>> a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> dime(a, a, generator=torch.Generator().manual_seed(0))  # identical views share structure
+        tensor(0.4159)
+    """
+    _check_sets(view_a, "view_a")
+    _check_sets(view_b, "view_b")
+    if view_a.shape[-2:-1] != view_b.shape[-2:-1]:
+        raise ValueError(f"views must have the same number of rows M, got {tuple(view_a.shape)} and {tuple(view_b.shape)}")
+    alpha = _check_alpha(alpha)
+    if int(n_permutations) != n_permutations or n_permutations < 1:
+        raise ValueError(f"`n_permutations` must be a positive integer, got {n_permutations}")
+    m = view_a.shape[-2]
+    a, bad_a = _center_unit(view_a, None)
+    b, bad_b = _center_unit(view_b, None)
+    kernel_a = a @ a.mT  # [..., M, M]
+    kernel_b = b @ b.mT
+    perms = _dime_permutations(m, int(n_permutations), generator).to(view_a.device)  # [P, M]
+    permuted = kernel_b[..., perms.unsqueeze(-1), perms.unsqueeze(-2)]  # [..., P, M, M]
+    stack = torch.cat([kernel_b.unsqueeze(-3), permuted], dim=-3)  # [..., 1 + P, M, M]
+    stack = kernel_a.unsqueeze(-3) * stack
+    entropies = _entropy_from_eigenvalues(_safe_eigvalsh(stack), alpha)  # [..., 1 + P]
+    result = entropies[..., 1:].mean(-1) - entropies[..., 0]
+    dtype = torch.float64 if torch.float64 in (view_a.dtype, view_b.dtype) else torch.float32
+    return torch.where(bad_a | bad_b, math.nan, result).to(dtype)
+
+
+@torch.no_grad()
+def bimodality(values: Tensor, dim: int = -1) -> Tensor:
+    """Sarle's bimodality coefficient of the finite values along ``dim`` (SPEC §1).
+
+    ``b = (g^2 + 1) / (kappa + 3 (n-1)^2 / ((n-2)(n-3)))`` with ``g`` and ``kappa`` the bias-corrected
+    sample skewness and excess kurtosis (as ``scipy.stats.skew(x, bias=False)`` and
+    ``scipy.stats.kurtosis(x, bias=False)``). Values above 5/9 (the value of a uniform distribution)
+    suggest two modes. Non-finite values are ignored.
+
+    Args:
+        values: any tensor (e.g. per-prompt entropies ``[..., B]``).
+        dim: the dimension to reduce.
+
+    Returns:
+        ``values`` reduced over ``dim``; NaN where fewer than 4 finite values remain or all are equal.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import bimodality
+        >>> two_clusters = torch.cat([torch.zeros(10), torch.ones(10)])
+        >>> evenly_spread = torch.arange(20.0)
+        >>> bimodality(torch.stack([two_clusters, evenly_spread]))
+        tensor([0.7669, 0.4275])
+    """
+    _check_real(values, "values")
+    if values.dim() == 0:
+        raise ValueError("`values` must have at least one dimension")
+    x = values.movedim(dim, -1).to(torch.float64)
+    finite = torch.isfinite(x)
+    n = finite.sum(-1).to(torch.float64)
+    x = torch.where(finite, x, 0.0)
+    mean = x.sum(-1, keepdim=True) / n.unsqueeze(-1)
+    dev = torch.where(finite, x - mean, 0.0)
+    m2 = (dev**2).sum(-1) / n
+    m3 = (dev**3).sum(-1) / n
+    m4 = (dev**4).sum(-1) / n
+    spread = torch.where(finite, x.abs(), 0.0).amax(-1)
+    skew = torch.sqrt(n * (n - 1)) / (n - 2) * m3 / m2.pow(1.5)
+    # kappa + 3(n-1)^2/((n-2)(n-3)) simplifies to (n^2-1) m4 / (m2^2 (n-2)(n-3)); no cancellation
+    denominator = (n * n - 1) * m4 / (m2 * m2 * (n - 2) * (n - 3))
+    result = (skew * skew + 1) / denominator
+    undefined = (n < 4) | ~(torch.sqrt(m2) > ZERO_ROW_RTOL * spread)
+    return torch.where(undefined, math.nan, result).to(_result_dtype(values))
