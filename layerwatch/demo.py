@@ -30,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from layerwatch.runs import summary_table
+
 logger = logging.getLogger(__name__)
 
 CORPUS_FILE = "tinyshakespeare.txt"
@@ -38,16 +40,6 @@ DEFAULT_OUT = "layerwatch-demo"
 DEFAULT_STEPS = 300
 END_OF_TEXT = "<|endoftext|>"
 
-# Metrics shown in the closing table (those present in the run are printed, in this order).
-TABLE_METRICS = (
-    "prompt_entropy",
-    "dataset_entropy",
-    "curvature",
-    "effective_rank",
-    "infonce",
-    "lidar",
-    "dime",
-)
 
 
 @dataclasses.dataclass
@@ -328,40 +320,10 @@ def main(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - the table is a courtesy; the run itself is on disk
         print(f"(could not read the run back for the summary table: {error})")
         return 0
+    steps = run.steps.tolist()
+    print(f"Per-layer metrics, first probe (step {steps[0]}) -> last probe (step {steps[-1]}); layer 0 = embeddings:")
     print(summary_table(run))
     return 0
-
-
-def summary_table(run: Any, metrics: tuple[str, ...] = TABLE_METRICS) -> str:
-    """How each metric moved from the first to the last probe, per layer (``first -> last``)."""
-    steps = [int(s) for s in run.steps]
-    if not steps:
-        return "No probe records were written."
-    names = [m for m in metrics if m in run.metrics] or list(run.metrics)
-    layers = list(run.layers)
-    header = ["metric"] + [f"layer {layer}" for layer in layers]
-    rows = [header]
-    for name in names:
-        values = run.metric(name)
-        row = [name]
-        for column in range(len(layers)):
-            row.append(f"{_fmt(values[0, column])} -> {_fmt(values[-1, column])}")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        f"Per-layer metrics, first probe (step {steps[0]}) -> last probe (step {steps[-1]}); layer 0 = embeddings:"
-    ]
-    for index, row in enumerate(rows):
-        cells = [cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)]
-        lines.append("  ".join(cells))
-        if index == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(value: float) -> str:
-    value = float(value)
-    return "nan" if not math.isfinite(value) else f"{value:.3f}"
 
 
 def _shell_path(path: Path) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,17 @@ import numpy as np
 
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord
 from layerwatch.sinks import JSONL_NAME, read_jsonl_records
+
+# The metrics a summary table shows, in this order (those the run has).
+SUMMARY_METRICS = (
+    "prompt_entropy",
+    "dataset_entropy",
+    "curvature",
+    "effective_rank",
+    "infonce",
+    "lidar",
+    "dime",
+)
 
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 
@@ -132,3 +145,50 @@ def read_run(logdir: str | os.PathLike) -> Run:
     if records:
         return _from_records(logdir, records)
     return _from_event_files(logdir)
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "nan"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def summary_table(run: Run, metrics: Sequence[str] | None = None, *, top: int = 3) -> str:
+    """A text table: per layer, the first and last probed value of each main metric, then which layers changed most.
+
+    Args:
+        run: a run read by :func:`layerwatch.read_run`.
+        metrics: the metrics to show (default: the main metrics the run has).
+        top: how many layers to name per metric in the "changed most" lines.
+    """
+    names = [m for m in (metrics or SUMMARY_METRICS) if m in run.metrics]
+    steps = [int(s) for s in run.steps]
+    if not steps or not names:
+        return "(the run has no records)"
+    first_step, last_step = steps[0], steps[-1]
+    header_cells = ["layer"] + [f"{name} ({first_step}->{last_step})" for name in names]
+    rows: list[list[str]] = []
+    values = {name: np.asarray(run.metric(name), dtype=np.float64) for name in names}
+    for index, layer in enumerate(run.layers):
+        row = [str(layer)]
+        for name in names:
+            first, last = values[name][0, index], values[name][-1, index]
+            row.append(f"{_fmt(first)} -> {_fmt(last)}")
+        rows.append(row)
+    widths = [max(len(header_cells[c]), *(len(r[c]) for r in rows)) for c in range(len(header_cells))]
+    lines = ["  ".join(cell.rjust(widths[c]) for c, cell in enumerate(header_cells))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)) for row in rows)
+    if len(steps) > 1:
+        lines.append("")
+        lines.append(f"layers that changed most from step {first_step} to step {last_step} (|last - first|):")
+        for name in names:
+            change = values[name][-1] - values[name][0]
+            order = [i for i in np.argsort(-np.nan_to_num(np.abs(change), nan=-1.0)) if math.isfinite(change[i])]
+            if not order:
+                continue
+            described = ", ".join(f"layer {run.layers[i]} ({change[i]:+.3f})" for i in order[:top])
+            lines.append(f"  {name}: {described}")
+    return "\n".join(lines)

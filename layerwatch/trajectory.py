@@ -27,7 +27,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -40,6 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from layerwatch.probe import Probe
     from layerwatch.runs import Run
+
+from layerwatch.runs import summary_table  # noqa: F401  (part of this module's API: the CLI's closing table)
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,6 @@ _CHECKPOINT_CHILD = re.compile(r"^checkpoint-(\d+)$")
 _STEP_FROM_NAME = re.compile(r"^(?:checkpoint|ckpt|step|global_step|iter|iteration)[-_]?(\d+)$", re.IGNORECASE)
 
 DTYPES = ("float32", "bfloat16", "float16")
-MAIN_METRICS = (
-    "prompt_entropy",
-    "dataset_entropy",
-    "curvature",
-    "effective_rank",
-    "infonce",
-    "lidar",
-    "dime",
-)
 
 
 class TrajectoryError(Exception):
@@ -600,55 +592,6 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float) -> str:
-    if not math.isfinite(value):
-        return "nan"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.3f}"
-
-
-def summary_table(run: "Run", metrics: Sequence[str] | None = None, *, top: int = 3) -> str:
-    """A text table: per layer, the first and last probed value of each main metric, then which layers changed most.
-
-    Args:
-        run: a run read by :func:`layerwatch.read_run`.
-        metrics: the metrics to show (default: the main metrics the run has).
-        top: how many layers to name per metric in the "changed most" lines.
-    """
-    import numpy as np
-
-    names = [m for m in (metrics or MAIN_METRICS) if m in run.metrics]
-    steps = [int(s) for s in run.steps]
-    if not steps or not names:
-        return "(the run has no records)"
-    first_step, last_step = steps[0], steps[-1]
-    header_cells = ["layer"] + [f"{name} ({first_step}->{last_step})" for name in names]
-    rows: list[list[str]] = []
-    values = {name: np.asarray(run.metric(name), dtype=np.float64) for name in names}
-    for index, layer in enumerate(run.layers):
-        row = [str(layer)]
-        for name in names:
-            first, last = values[name][0, index], values[name][-1, index]
-            row.append(f"{_fmt(first)} -> {_fmt(last)}")
-        rows.append(row)
-    widths = [max(len(header_cells[c]), *(len(r[c]) for r in rows)) for c in range(len(header_cells))]
-    lines = ["  ".join(cell.rjust(widths[c]) for c, cell in enumerate(header_cells))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)) for row in rows)
-    if len(steps) > 1:
-        lines.append("")
-        lines.append(f"layers that changed most from step {first_step} to step {last_step} (|last - first|):")
-        for name in names:
-            change = values[name][-1] - values[name][0]
-            order = [i for i in np.argsort(-np.nan_to_num(np.abs(change), nan=-1.0)) if math.isfinite(change[i])]
-            if not order:
-                continue
-            described = ", ".join(f"layer {run.layers[i]} ({change[i]:+.3f})" for i in order[:top])
-            lines.append(f"  {name}: {described}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------
