@@ -738,3 +738,22 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(lidar(views.cuda()).cpu(), lidar(views), rtol=1e-6, atol=1e-8)
     gen = torch.Generator(device="cuda").manual_seed(0)
     assert dime(views[..., 0, :].cuda(), views[..., 1, :].cuda(), generator=gen).is_cuda
+
+
+def test_threaded_eigenvalues_match_and_restore_the_thread_count():
+    """Large CPU batches are split over threads (one intra-op thread each); results and torch's setting unchanged."""
+    from layerwatch.metrics import _eigvalsh
+
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 20, 24, 10, dtype=torch.float64, generator=generator)
+    mats = x @ x.transpose(-1, -2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = _eigvalsh(mats)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    expected = np.linalg.eigvalsh(mats.numpy())
+    assert threaded.shape == (3, 20, 24)
+    np.testing.assert_allclose(threaded.numpy(), expected, rtol=1e-10, atol=1e-10)
