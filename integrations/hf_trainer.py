@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,11 +48,15 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from layerwatch.augment import max_view_length
+from layerwatch.capture import max_positions, model_config
+from layerwatch.monitor import all_ranks_max
+from layerwatch.probe import PROBE_FILENAME
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerWatchCallback"]
 
-PROBE_FILENAME = "probe.safetensors"
 DEFAULT_MAX_LENGTH = 128
 _SET_BY_CALLBACK = ("probe", "logdir", "resume_step")
 
@@ -142,10 +145,7 @@ class LayerWatchCallback(TrainerCallback):
         model = kwargs.get("model")
         probe = self._get_probe(logdir, model, kwargs)
         options = dict(self.watch_options)
-        if self._is_main:
-            logdir.mkdir(parents=True, exist_ok=True)
-            probe.save(logdir / PROBE_FILENAME)
-        else:  # guard the output, never the collective: the other ranks probe too but write nothing
+        if not self._is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
             options["sinks"] = None
         # Resuming keeps the records up to the checkpoint's step; a run from step 0 replaces an older run's
         # records in the same folder (resume_step=-1: JSONL records with step >= 0 dropped, TensorBoard purged).
@@ -206,7 +206,7 @@ class LayerWatchCallback(TrainerCallback):
         if not self.stop_on_collapse:
             return
         collapsed = record is not None and any(str(alert).startswith("collapse") for alert in record.alerts)
-        if _any_rank(collapsed):
+        if all_ranks_max(float(collapsed)) > 0:  # OR over ranks: a lone stop would leave the others waiting
             logger.warning("layerwatch: representation collapse at step %d; stopping training (stop_on_collapse)", step)
             control.should_training_stop = True
 
@@ -266,7 +266,7 @@ class LayerWatchCallback(TrainerCallback):
             )
         extra: dict[str, Any] = {}
         if tokenizer is None:  # a tokenized dataset and no processing_class: the model knows the vocabulary
-            config = _model_config(model)
+            config = model_config(model) if model is not None else None
             vocab_size = getattr(config, "vocab_size", None)
             if vocab_size is None:
                 raise ValueError(
@@ -286,10 +286,12 @@ class LayerWatchCallback(TrainerCallback):
     def _max_length(self, model: Any) -> int:
         """``max_length``, or 128, capped so the longest augmented view still fits the model's positions."""
         wanted = self.max_length if self.max_length is not None else DEFAULT_MAX_LENGTH
-        positions = _max_positions(model)
+        positions = max_positions(model) if model is not None else None
         if positions is None:
             return wanted
-        fitting = _longest_fitting_prompt(positions)
+        fitting = positions  # the longest prompt whose augmented views (which insert tokens) still fit
+        while fitting > 1 and max_view_length(fitting) > positions:
+            fitting -= 1
         if fitting < wanted:
             if self.max_length is not None:
                 logger.warning(
@@ -325,34 +327,6 @@ def _find_dataset(kwargs: Mapping[str, Any]) -> tuple[Any, str]:
     return dataset, "the training dataset"
 
 
-def _model_config(model: Any) -> Any:
-    from layerwatch.capture import model_config
-
-    return model_config(model) if model is not None else None
-
-
-def _max_positions(model: Any) -> int | None:
-    config = _model_config(model)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _longest_fitting_prompt(positions: int) -> int:
-    """The longest prompt whose augmented views (one "split" insertion per edited position) fit ``positions``."""
-    from layerwatch.augment import DEFAULT_EDIT_FRACTION
-
-    def view_length(length: int) -> int:  # the first token is never edited; at least one edit per operation
-        return length + max(1, math.ceil((length - 1) * DEFAULT_EDIT_FRACTION - 1e-9))
-
-    length = positions
-    while length > 1 and view_length(length) > positions:
-        length -= 1
-    return length
-
-
 def _calling_trainer(max_depth: int = 12) -> Any:
     """The ``transformers.Trainer`` whose callback handler is calling us, found on the call stack (or ``None``)."""
     from transformers import Trainer
@@ -378,21 +352,6 @@ def _text_tokenizer(processing_class: Any) -> Any:
     if callable(processing_class) and hasattr(processing_class, "pad_token_id"):
         return processing_class
     return getattr(processing_class, "tokenizer", None)
-
-
-def _any_rank(flag: bool) -> bool:
-    """``flag`` OR-ed over all ranks, so every rank takes the same decision (a lone stop would hang the others)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cpu")
-    if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 def _is_text_list(value: Any) -> bool:

@@ -158,6 +158,16 @@ def find_blocks(model: nn.Module, layers: str | Sequence[nn.Module] | None = Non
     )
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings take (``None`` when unbounded, e.g. Mamba)."""
+    config = model_config(model)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         device = getattr(parameter, "device", None)

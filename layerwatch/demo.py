@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwatch.runs import summary_table
+from layerwatch.sinks import PROBE_FILENAME
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"Checkpoints:      {', '.join(p.name for p in checkpoints) or 'none'} in {out}")
     print(f"layerwatch run:   {logdir} (layerwatch.jsonl, probe.safetensors, TensorBoard events)")
     print(f"View it:          tensorboard --logdir {_shell_path(logdir)}")
-    probe_path = _shell_path(logdir / "probe.safetensors")
+    probe_path = _shell_path(logdir / PROBE_FILENAME)
     print(f"After training:   layerwatch trajectory {_shell_path(out)} --probe {probe_path}")
     print()
     try:

@@ -27,6 +27,7 @@ from torch import nn
 
 from layerwatch import metrics as M
 from layerwatch._version import __version__
+from layerwatch.augment import right_align
 from layerwatch.alerts import AlertTracker
 from layerwatch.capture import (
     CaptureError,
@@ -35,9 +36,11 @@ from layerwatch.capture import (
     find_blocks,
     forward_options,
     isolated,
+    max_positions,
     model_config,
     model_device,
 )
+from layerwatch.probe import PROBE_FILENAME, Probe
 from layerwatch.record import ProbeRecord
 from layerwatch.schedule import ProbeSchedule
 from layerwatch.sinks import JSONL_NAME, JsonlSink, Sink, TensorBoardSink, read_jsonl_records
@@ -45,8 +48,6 @@ from layerwatch.sinks import JSONL_NAME, JsonlSink, Sink, TensorBoardSink, read_
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerWatch", "ProbeRecord", "ProbeError", "METRIC_PRESETS", "ALL_METRICS"]
-
-PROBE_FILE = "probe.safetensors"
 
 TOKEN_METRICS = ("prompt_entropy", "prompt_entropy_bimodality", "curvature", "curvature_abs")
 HEALTH_METRICS = ("rms", "max_abs", "nonfinite")
@@ -96,12 +97,17 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _right_padded(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move each row's real tokens to the front (stable), so positions start at 0 whatever the padding side."""
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    ids, mask = input_ids.gather(1, order), mask.gather(1, order)
-    length = max(int(mask.sum(1).max()), 1)
-    return ids[:, :length], mask[:, :length]
+def all_ranks_max(value: float) -> float:
+    """The largest ``value`` over all ranks (itself outside torch.distributed). A collective: call it on every rank."""
+    rank, world = _distributed()
+    if world == 1:
+        return value
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor([float(value)], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 @dataclass
@@ -195,8 +201,6 @@ class LayerWatch:
         collapse_drop: float = 0.5,
         seed: int = 0,
     ) -> None:
-        from layerwatch.probe import Probe
-
         if not isinstance(probe, Probe):
             raise TypeError(
                 f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
@@ -250,9 +254,7 @@ class LayerWatch:
             return
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
-            probe_path = self.logdir / PROBE_FILE
-            if not probe_path.exists():
-                self.probe.save(probe_path)
+            self.probe.save(self.logdir / PROBE_FILENAME)  # the run's probe, for trajectory and resume
         except OSError as error:
             raise ValueError(f"logdir={str(self.logdir)!r} is not writable ({error}); pass a directory you can write to") from error
         history = [r for r in read_jsonl_records(self.logdir / JSONL_NAME) if resume_step is None or r.step <= resume_step]
@@ -328,18 +330,8 @@ class LayerWatch:
     def _stretch_schedule(self, probe_seconds: float) -> None:
         if self.schedule.max_overhead is None or self._seconds_per_step is None:
             return
-        gap = torch.tensor(float(self.schedule.required_gap(probe_seconds, self._seconds_per_step)))
-        rank, world = _distributed()
-        if world > 1:  # every rank must probe at the same steps: take the largest gap
-            backend_device = self._collective_device()
-            gap = gap.to(backend_device)
-            torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
-        self.schedule.min_gap = int(gap.item())
-
-    def _collective_device(self) -> torch.device:
-        if torch.distributed.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        gap = self.schedule.required_gap(probe_seconds, self._seconds_per_step)
+        self.schedule.min_gap = int(all_ranks_max(gap))  # every rank must probe at the same steps
 
     def _validate(self, model: nn.Module) -> None:
         """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
@@ -356,12 +348,12 @@ class LayerWatch:
                 f"the probe has token id {top} but the model's vocabulary has {vocab} entries (ids 0..{vocab - 1}); "
                 "build the probe with this model's tokenizer (or Probe.from_tensors(..., vocab_size=...))"
             )
-        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        limit = max_positions(model)
         longest = self.probe.max_length()
-        if max_positions is not None and longest > max_positions:
+        if limit is not None and longest > limit:
             raise ValueError(
                 f"the probe has prompts (or augmented views) of {longest} tokens but the model takes at most "
-                f"{max_positions} positions; build the probe with a smaller max_length"
+                f"{limit} positions; build the probe with a smaller max_length"
             )
         self._validated.add(model)
 
@@ -413,8 +405,9 @@ class LayerWatch:
                 for start in range(0, per_rank, self.batch_size):
                     chunk = torch.tensor(rows[start : start + self.batch_size])
                     chunk_real = torch.tensor(real[start : start + self.batch_size])
-                    ids, mask = _right_padded(all_ids[chunk], all_mask[chunk].bool())
-                    ids, mask = ids.to(device), mask.to(device)
+                    # real tokens first, trimmed to the chunk's longest prompt: positions start at 0 on any padding side
+                    ids, mask = right_align(all_ids[chunk], all_mask[chunk], pad_token_id=self.probe.pad_token_id)
+                    ids, mask = ids.to(device), mask.bool().to(device)
                     current["batch"] = _Batch(pass_index, chunk[chunk_real].to(device), chunk_real.to(device), mask)
                     inputs = {"input_ids": ids, **options}
                     if pass_mask:
@@ -453,12 +446,8 @@ class LayerWatch:
             buffers.max_abs[index] = torch.maximum(buffers.max_abs[index], kept.abs().max())
 
     def _agree_and_reduce(self, buffers: _Buffers, local_error: BaseException | None, world: int) -> None:
-        if world > 1:
-            device = self._collective_device()
-            failed = torch.tensor([1.0 if local_error is not None else 0.0], device=device)
-            torch.distributed.all_reduce(failed)
-            if failed.item() > 0 and local_error is None:
-                raise ProbeError(f"the probe failed on {int(failed.item())} other rank(s); all ranks skip this probe")
+        if world > 1 and all_ranks_max(1.0 if local_error is not None else 0.0) > 0 and local_error is None:
+            raise ProbeError("the probe failed on another rank; all ranks skip this probe")
         if local_error is not None:
             raise local_error
         if not buffers.tensors:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from layerwatch.augment import DEFAULT_EDIT_FRACTION, DEFAULT_OPERATIONS, augment_batch, right_align, view_generator
+from layerwatch.sinks import PROBE_FILENAME  # re-exported: the probe's file name in a run directory
 
 __all__ = ["MIN_PROMPT_LENGTH", "PROBE_FILENAME", "PROBE_FORMAT", "PROBE_FORMAT_VERSION", "Probe"]
 
@@ -44,9 +45,6 @@ PROBE_FORMAT: str = "layerwatch-probe"
 
 PROBE_FORMAT_VERSION: int = 1
 """Version of the saved-probe layout; :meth:`Probe.load` refuses files written by a newer layout."""
-
-PROBE_FILENAME: str = "probe.safetensors"
-"""File name of the probe in a run directory."""
 
 # Rows examined at most by from_dataset before giving up on finding more usable prompts.
 _MAX_ROWS_FACTOR = 100

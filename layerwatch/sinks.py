@@ -21,7 +21,9 @@ from layerwatch.record import SCALAR_PREFIX, ProbeRecord, scalar_tag
 
 logger = logging.getLogger(__name__)
 
+# The files of a run directory.
 JSONL_NAME = "layerwatch.jsonl"
+PROBE_FILENAME = "probe.safetensors"
 
 
 @runtime_checkable

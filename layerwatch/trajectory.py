@@ -41,12 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from layerwatch.runs import Run
 
 from layerwatch.runs import summary_table  # noqa: F401  (part of this module's API: the CLI's closing table)
+from layerwatch.sinks import JSONL_NAME, PROBE_FILENAME
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT_NAME = "layerwatch-trajectory"
-PROBE_FILE = "probe.safetensors"
-RUN_FILE = "layerwatch.jsonl"
 
 # Weight files transformers loads. Safetensors never execute code when read; the pickle formats can.
 SAFE_WEIGHT_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
@@ -441,7 +440,7 @@ def _load_probe_file(path: Path) -> "Probe":
 def completed_steps(out: str | Path) -> set[int]:
     """Steps already recorded in the run at ``out`` (empty when there is no run yet)."""
     out = Path(out)
-    if not (out / RUN_FILE).is_file():
+    if not (out / JSONL_NAME).is_file():
         return set()
     from layerwatch.runs import read_run
 
@@ -514,7 +513,7 @@ def run_trajectory(
         check_weights(checkpoint, allow_pickle=allow_pickle)
 
     out.mkdir(parents=True, exist_ok=True)
-    saved_probe = out / PROBE_FILE
+    saved_probe = out / PROBE_FILENAME
     if saved_probe.is_file() and done:
         previous = _load_probe_file(saved_probe)
         if _probe_hash(previous) != _probe_hash(probe_obj):
@@ -522,8 +521,6 @@ def run_trajectory(
                 f"{out} already holds a run probed with a different probe ({saved_probe}); its values would not "
                 f"be comparable. Use another --out, or reuse that probe (--probe {saved_probe})."
             )
-    else:
-        probe_obj.save(saved_probe)
 
     if pending:
         metric_arg: Any = metrics if isinstance(metrics, str) else list(metrics)
@@ -673,10 +670,10 @@ def _build_probe(args: argparse.Namespace, resolved: list[Checkpoint], out: Path
             )
         except ValueError as error:
             raise TrajectoryError(f"cannot build a probe from --texts {args.texts}: {error}") from error
-    if (out / PROBE_FILE).is_file():
-        return _load_probe_file(out / PROBE_FILE)
+    if (out / PROBE_FILENAME).is_file():
+        return _load_probe_file(out / PROBE_FILENAME)
     for raw in args.checkpoints:
-        candidate = Path(raw) / "layerwatch" / PROBE_FILE
+        candidate = Path(raw) / "layerwatch" / PROBE_FILENAME
         if candidate.is_file():
             return _load_probe_file(candidate)
     raise TrajectoryError(

@@ -31,15 +31,6 @@ from layerwatch.integrations.accelerate_loop import (  # noqa: E402
 FLAT_TAG = "layerwatch/rms/layer_00"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; give every test a clean Accelerator."""

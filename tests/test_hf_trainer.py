@@ -36,15 +36,6 @@ class CountingDataset:
         return {"input_ids": self.ids[index], "labels": self.ids[index].clone()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP threads spin badly on shared, oversubscribed cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def eval_dataset():
     """A ``datasets.Dataset`` whose ids (>= 64) tell probes built from it apart from the training rows (< 64)."""
     import datasets
