@@ -58,6 +58,16 @@ _FULL_PERMUTATION_LIMIT = 1 << 20
 # --------------------------------------------------------------------------------------------------
 
 
+def _report_short_prompts(dropped: int, kept: int, source: str, why_none: str) -> None:
+    """Warn about prompts dropped for having fewer than MIN_PROMPT_LENGTH tokens; refuse when none is left."""
+    if dropped:
+        logger.warning(
+            "layerwatch probe: dropped %d prompt(s) from %s with fewer than %d tokens", dropped, source, MIN_PROMPT_LENGTH
+        )
+    if not kept:
+        raise ValueError(f"no usable prompt in {source}: {why_none}")
+
+
 def _check_int(value: object, name: str, *, minimum: int | None = None, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}{hint}")
@@ -382,18 +392,8 @@ class Probe:
         tokenizer_name: str | None,
         edit_fraction: float,
     ) -> Probe:
-        if dropped_short:
-            logger.warning(
-                "layerwatch probe: dropped %d prompt(s) from %s with fewer than %d tokens",
-                dropped_short,
-                source,
-                MIN_PROMPT_LENGTH,
-            )
-        if not sequences:
-            raise ValueError(
-                f"no usable prompt in {source}: every prompt was empty or shorter than {MIN_PROMPT_LENGTH} "
-                "tokens; pass longer texts"
-            )
+        _report_short_prompts(dropped_short, len(sequences), source, "every prompt was empty or shorter than "
+                              f"{MIN_PROMPT_LENGTH} tokens; pass longer texts")
         width = max(len(seq) for seq in sequences)
         ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -524,18 +524,8 @@ class Probe:
             raise ValueError("input_ids has no prompts (0 rows); a probe needs at least one prompt")
         _check_id_range(ids, mask, vocab_size, "input_ids")
         keep = mask.sum(dim=1) >= MIN_PROMPT_LENGTH
-        dropped = int((~keep).sum())
-        if dropped:
-            logger.warning(
-                "layerwatch probe: dropped %d prompt(s) from input_ids with fewer than %d tokens",
-                dropped,
-                MIN_PROMPT_LENGTH,
-            )
-        if not bool(keep.any()):
-            raise ValueError(
-                f"no usable prompt in input_ids: every row has fewer than {MIN_PROMPT_LENGTH} real tokens "
-                "(check attention_mask)"
-            )
+        _report_short_prompts(int((~keep).sum()), int(keep.sum()), "input_ids", "every row has fewer than "
+                              f"{MIN_PROMPT_LENGTH} real tokens (check attention_mask)")
         probe = cls(
             ids[keep],
             mask[keep],
