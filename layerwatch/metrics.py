@@ -23,12 +23,15 @@ Conventions shared by every function:
   non-zero eigenvalues). Eigenvalues ``<= EIGENVALUE_RTOL * max`` are dropped. Nothing is clamped
   elementwise.
 
-Implementation notes. Token-level metrics visit the flattened ``(..., B)`` prompts longest first in
-blocks of a few MB (each block fully vectorized; on CPU, float64 passes over a cache-sized block are many
-times faster than over one huge fresh tensor), crop each block to its longest prompt, and write the
-zero-padded Gram matrices of all blocks into one stack that goes through a single batched ``eigvalsh``
-(upper-triangle storage, so that LAPACK skips most of the zero padding). Curvature reuses the Gram
-diagonals. LiDAR works in the ``M·Q``-sized space (Woodbury identity) when that is smaller than ``D``.
+Implementation notes. Token-level metrics visit the flattened ``(..., B)`` prompts longest first (the layers
+of one prompt side by side) in blocks of a few MB: each block is cropped to its longest prompt, copied to
+float64 (from strided views of the input where possible, not gathered), centered and fully vectorized; on
+CPU, float64 passes over a cache-sized block are many times faster than over one huge fresh tensor. Gram
+matrices are grouped by padded size (``_GRAM_SIZE_STEP``) so that short prompts don't pay LAPACK's n^3 for
+the longest one; all groups go through one ``eigvalsh`` batch spread over the CPU cores, in upper-triangle
+storage so that LAPACK skips the zero padding. Curvature reuses the Gram diagonals, or without a Gram takes
+each token's products with itself and its next two in one batched matrix product. LiDAR works in the
+``M·Q``-sized space (Woodbury identity) when that is smaller than ``D``.
 """
 
 from __future__ import annotations
@@ -36,11 +39,16 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = [
     "EIGENVALUE_RTOL",
@@ -74,8 +82,12 @@ ZERO_ROW_RTOL = 1e-10
 CURVATURE_ZERO_TOL = 1e-10
 
 # Target size (bytes of float64) of one block of rows in the CPU row-normalization loop.
-_CPU_BLOCK_BYTES = 2 << 20
+_CPU_BLOCK_BYTES = 4 << 20
 _ACCELERATOR_BLOCK_BYTES = 512 << 20
+
+# Prompt-entropy Gram matrices are grouped by size in steps of this many rows, and each group goes through
+# eigvalsh at its own size: LAPACK's cost grows as n^3, so short prompts must not pay for the longest one.
+_GRAM_SIZE_STEP = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,15 +152,38 @@ def _check_sets(x: Tensor, name: str, min_dim: int = 2) -> None:
         raise ValueError(f"`{name}` has feature size D = 0")
 
 
+# A block whose rows form more evenly spaced runs than this is gathered with one index_select instead.
+_MAX_COPY_RUNS = 4
+
+
+def _even_runs(index: list[int]) -> list[tuple[int, int, int, int]]:
+    """Split ``index`` into maximal runs ``index[a:b]`` of evenly spaced increasing values ``first + k * step``:
+    ``[(a, b, first, step), ...]``."""
+    runs, a = [], 0
+    while a < len(index):
+        b, step = a + 1, 1
+        if b < len(index) and index[b] > index[a]:
+            step = index[b] - index[a]
+            while b < len(index) and index[b] - index[b - 1] == step:
+                b += 1
+        runs.append((a, b, index[a], step))
+        a = b
+    return runs
+
+
 class _TokenBlocks:
     """Prompts of a token-level input, visited longest first in blocks of a few MB.
 
     ``hidden[..., B, T, D]`` is flattened to ``rows = prod(...) * B`` prompts. Sorting by length groups
     prompts of similar length (the layers of one prompt share its length), so each block is cropped to its
     longest prompt and most blocks hold a single length (no padding left, no mask needed); if the padding
-    is not on the right, a block's valid tokens are moved to the front (in order) first. Iterating yields
-    ``(start, stop, tokens[p, width, D], valid[p, width] | None)`` in sorted order (``None``: all valid);
-    per-prompt results computed in sorted order go back to the input order with :meth:`unsort`. This is a
+    is not on the right, a block's valid tokens are moved to the front (in order) first. Prompts without
+    valid tokens (sorted last) are never visited.
+
+    :attr:`groups` splits the visited sorted rows into ``(start, stop, size)`` runs whose prompts fit a
+    ``size x size`` matrix (one run, of the longest prompt's size, unless :meth:`group_by_size` is called);
+    :meth:`blocks` yields the ``(start, stop, width)`` blocks of one run and :meth:`gather_into` copies a block's
+    tokens; per-prompt results in sorted order go back to the input order with :meth:`unsort`. This is a
     loop over memory blocks, each processed by vectorized ops, not over prompts.
     """
 
@@ -166,46 +201,87 @@ class _TokenBlocks:
             count = self.valid.sum(-1)
             positions = torch.arange(t, device=self.device)
             self.prefix = bool((self.valid == (positions < count.unsqueeze(-1))).all()) if rows else True
-        self.order = torch.argsort(count, descending=True, stable=True)
-        self.in_place = bool((self.order == torch.arange(rows, device=self.device)).all())
+        # longest first; among equal lengths by prompt, so that the rows of one prompt (its layers) are adjacent
+        by_prompt = torch.argsort(torch.arange(rows, device=self.device) % max(hidden.shape[-3], 1), stable=True)
+        self.order = by_prompt[torch.argsort(count[by_prompt], descending=True, stable=True)]
+        self.order_list = self.order.tolist()
         self.count = count[self.order]  # valid tokens per prompt, sorted order
-        self.longest = int(self.count[0]) if rows else 0
+        self.lengths = self.count.tolist()
+        self.longest = self.lengths[0] if rows else 0
+        self.visited = rows - self.lengths.count(0)
+        self.groups = [(0, self.visited, self.longest)] if self.visited else []
 
-    def __iter__(self) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
-        lengths = self.count.tolist()
+    def group_by_size(self, step: int) -> None:
+        """Split the visited rows into runs of equal ``ceil(length / step) * step`` (at most the longest)."""
+        sizes = [min(-(-n // step) * step, self.longest) for n in self.lengths[: self.visited]]
+        self.groups = []
+        for row, size in enumerate(sizes):
+            if self.groups and self.groups[-1][2] == size:
+                self.groups[-1] = (self.groups[-1][0], row + 1, size)
+            else:
+                self.groups.append((row, row + 1, size))
+
+    def blocks(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
+        """``(start, stop, width)`` of the blocks of sorted rows ``[first, last)`` (a run of :attr:`groups`)."""
+        lengths = self.lengths
         descending = [-n for n in lengths]
         target = _CPU_BLOCK_BYTES if self.device.type == "cpu" else _ACCELERATOR_BLOCK_BYTES
-        positions = torch.arange(self.longest, device=self.device)
-        x, valid, order = self.tokens, self.valid, self.order
-        start = 0
-        while start < self.rows:
+        start = first
+        while start < last:
             width = lengths[start]  # the block's longest prompt
-            if width == 0:  # only prompts without valid tokens are left
-                return
-            stop = min(self.rows, start + max(1, target // (width * self.hidden_size * 8)))
+            stop = min(last, start + max(1, target // (width * self.hidden_size * 8)))
             # prompts of one length make a block without padding (and without mask): end the block where the
             # length changes unless that would leave it less than half full
             same = bisect.bisect_right(descending, -width, start, stop)
             if 2 * (same - start) >= stop - start:
                 stop = same
-            uniform = lengths[stop - 1] == width
-            if self.prefix:  # right padding (or none): the first `width` tokens hold every valid token
-                xb = x[start:stop, :width] if self.in_place else x[:, :width].index_select(0, order[start:stop])
-                mb = None if valid is None or uniform else positions[:width] < self.count[start:stop, None]
-            else:  # left padding or holes: valid tokens first, in their order
-                index = order[start:stop]
-                mb = valid.index_select(0, index)
-                token_order = torch.argsort((~mb).to(torch.uint8), dim=-1, stable=True)[:, :width]
-                xb = x[index.unsqueeze(-1), token_order]
-                mb = None if uniform else torch.take_along_dim(mb, token_order, dim=-1)
-            yield start, stop, xb, mb
+            yield start, stop, width
             start = stop
+
+    def gather_into(self, out: Tensor, start: int, stop: int, width: int) -> Tensor | None:
+        """Copy sorted rows ``[start, stop)``, cropped to ``width`` tokens with the valid ones first, into
+        ``out[p, width, D]``; return their ``valid[p, width]`` mask (``None``: all valid)."""
+        uniform = self.lengths[stop - 1] == width
+        if not self.prefix:  # left padding or holes: valid tokens first, in their order
+            index = self.order[start:stop]
+            mb = self.valid.index_select(0, index)
+            token_order = torch.argsort((~mb).to(torch.uint8), dim=-1, stable=True)[:, :width]
+            out.copy_(self.tokens[index.unsqueeze(-1), token_order])
+            return None if uniform else torch.take_along_dim(mb, token_order, dim=-1)
+        # right padding (or none): the first `width` tokens hold every valid token. Rows whose input indices
+        # are evenly spaced (the layers of one prompt are) are copied from a strided view, without a gather.
+        runs = _even_runs(self.order_list[start:stop])
+        if len(runs) <= _MAX_COPY_RUNS:
+            for a, b, first, step in runs:
+                out[a:b].copy_(self.tokens[first : first + (b - a - 1) * step + 1 : step, :width])
+        else:
+            out.copy_(self.tokens[:, :width].index_select(0, self.order[start:stop]))
+        if self.valid is None or uniform:
+            return None
+        return torch.arange(width, device=self.device) < self.count[start:stop, None]
 
     def unsort(self, values: Tensor) -> Tensor:
         """Per-prompt values ``[rows, ...]`` in sorted order -> ``[..., B, ...]`` in input order."""
         inverse = torch.empty_like(self.order)
         inverse[self.order] = torch.arange(self.rows, device=self.device)
         return values[inverse].reshape(*self.lead, *values.shape[1:])
+
+
+class _Scratch:
+    """Float64 buffers reused by the blocks of one call, one per thread (fresh multi-MB allocations cost page
+    faults); freed with the call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[int, Tensor] = {}
+
+    def take(self, *shape: int) -> Tensor:
+        """A ``shape`` view of this thread's buffer, valid until the thread's next ``take``."""
+        numel, thread = math.prod(shape), threading.get_ident()
+        buffer = self.buffers.get(thread)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[thread] = torch.empty(numel, dtype=torch.float64, device=self.device)
+        return buffer[:numel].view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,26 +300,24 @@ def _zero_rows(x: Tensor, invalid: Tensor) -> None:
         x.masked_fill_(invalid.unsqueeze(-1), 0.0)
 
 
-def _centered(x: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> tuple[Tensor, Tensor]:
-    """Float64 copy of ``x[..., N, D]`` with the mean of the valid rows subtracted.
-
-    Returns ``(centered, mean_norm[..., 1])``. Invalid rows are zeroed before any arithmetic, so garbage
-    (NaN, inf) in them never reaches a result; after centering they are zeroed again (they would hold
-    ``-mean``) unless ``zero_invalid=False`` (callers that never read them).
-    """
-    centered = x.to(torch.float64, copy=True)
+def _valid_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean ``[..., 1, D]`` of the valid rows of ``rows[..., N, D]`` (float64, owned by the caller: its invalid
+    rows are zeroed first, so garbage in them (NaN, inf) never reaches a result)."""
     if mask is None:
-        mean = centered.mean(-2, keepdim=True)
-        centered.sub_(mean)
-    else:
-        invalid = ~mask
-        _zero_rows(centered, invalid)
-        count = mask.sum(-1, keepdim=True).unsqueeze(-1).clamp(min=1)
-        mean = centered.sum(-2, keepdim=True) / count
-        centered.sub_(mean)
-        if zero_invalid:
-            _zero_rows(centered, invalid)
-    return centered, torch.linalg.vector_norm(mean, dim=-1)
+        return rows.mean(-2, keepdim=True)
+    _zero_rows(rows, ~mask)
+    return rows.sum(-2, keepdim=True) / mask.sum(-1, keepdim=True).unsqueeze(-1).clamp(min=1)
+
+
+def _center_(rows: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> Tensor:
+    """Subtract the mean of the valid rows from float64 ``rows[..., N, D]`` in place; return the mean
+    ``[..., 1, D]``. After centering, invalid rows are zeroed again (they would hold ``-mean``) unless
+    ``zero_invalid=False`` (callers that never read them)."""
+    mean = _valid_mean(rows, mask)
+    rows.sub_(mean)
+    if mask is not None and zero_invalid:
+        _zero_rows(rows, ~mask)
+    return mean
 
 
 def _inverse_norms(squared_norms: Tensor, mean_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,36 +337,61 @@ def _inverse_norms(squared_norms: Tensor, mean_norm: Tensor) -> tuple[Tensor, Te
 def _center_unit(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """normalize() in float64: ``(z, bad)`` with ``z[..., N, D]`` (invalid and zero rows exactly 0) and
     ``bad[...]`` True where the set holds a non-finite value (its ``z`` is meaningless)."""
-    z, mean_norm = _centered(x, mask)
-    inverse, bad = _inverse_norms(torch.linalg.vector_norm(z, dim=-1).square(), mean_norm)
+    z = x.to(torch.float64, copy=True)
+    mean = _center_(z, mask)
+    inverse, bad = _inverse_norms(torch.linalg.vector_norm(z, dim=-1).square(), torch.linalg.vector_norm(mean, dim=-1))
     z.mul_(inverse.unsqueeze(-1))
     return z, bad
 
 
-_EIGEN_POOL: ThreadPoolExecutor | None = None
+_POOL: ThreadPoolExecutor | None = None
 
 
-def _eigvalsh(mats: Tensor) -> Tensor:
-    """``torch.linalg.eigvalsh(mats, UPLO="U")``, spread over the CPU cores for large batches.
+def _spread(fn: Callable[[T], R], items: list[T], *, device: torch.device, enough: bool) -> list[R]:
+    """``[fn(item) for item in items]``, spread over the CPU cores when there is ``enough`` work.
 
-    A batched CPU eigvalsh runs one small LAPACK call after another on one core, and torch's intra-op threads
-    only contend inside each call. Splitting the batch across Python threads with one intra-op thread each
-    (the calls release the GIL) uses every core: about 2x faster on 2 cores. The previous thread count is
-    restored before returning; the probe runs while training waits, so nothing else is computing meanwhile.
+    Torch runs one op after another, and its intra-op threads only split each op: on small ops (a block of a
+    few prompts, one small eigendecomposition) they mostly wait for each other. Independent items on Python
+    threads with one intra-op thread each (ops release the GIL) keep every core busy: on 2 cores, 2x faster for
+    small eigendecompositions, about 1.1x for blocks of Gram products. ``fn`` must only write to memory of its own item. The previous thread count is restored before
+    returning; the probe runs while training waits, so nothing else is computing meanwhile.
     """
-    global _EIGEN_POOL
+    global _POOL
     threads = torch.get_num_threads()
-    flat = mats.reshape(-1, *mats.shape[-2:])
-    if mats.device.type != "cpu" or threads < 2 or flat.shape[0] < 4 * threads or mats.shape[-1] < 16:
-        return torch.linalg.eigvalsh(mats, UPLO="U")
-    if _EIGEN_POOL is None:
-        _EIGEN_POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="layerwatch-eigvalsh")
+    if device.type != "cpu" or threads < 2 or not enough or len(items) < 2:
+        return [fn(item) for item in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="layerwatch-metrics")
     torch.set_num_threads(1)
     try:
-        parts = list(_EIGEN_POOL.map(lambda chunk: torch.linalg.eigvalsh(chunk, UPLO="U"), flat.chunk(threads)))
+        return list(_POOL.map(fn, items))
     finally:
         torch.set_num_threads(threads)
-    return torch.cat(parts).reshape(mats.shape[:-1])
+
+
+def _eigvalsh(stacks: list[Tensor]) -> list[Tensor]:
+    """``torch.linalg.eigvalsh(s, UPLO="U")`` of each stack ``s[..., n, n]``, spread over the CPU cores.
+
+    UPLO="U": LAPACK then reduces from the last column, so zero padding at the end costs almost nothing.
+    """
+    if not stacks:
+        return []
+    threads = torch.get_num_threads()
+    flat = [s.reshape(-1, *s.shape[-2:]) for s in stacks]
+    chunks = [(i, chunk) for i, f in enumerate(flat) for chunk in f.chunk(threads)]
+    chunks.sort(key=lambda item: -item[1].shape[0] * item[1].shape[-1] ** 3)  # largest first: balanced threads
+    work = sum(f.shape[0] * f.shape[-1] ** 3 for f in flat)
+    values = _spread(
+        lambda item: torch.linalg.eigvalsh(item[1], UPLO="U"),
+        chunks,
+        device=stacks[0].device,
+        enough=work >= 4 * threads * 16**3,
+    )
+    # chunks of one stack keep their relative order through the stable sort
+    parts: list[list[Tensor]] = [[] for _ in stacks]
+    for (i, _), value in zip(chunks, values):
+        parts[i].append(value)
+    return [torch.cat(p).reshape(s.shape[:-1]) for p, s in zip(parts, stacks)]
 
 
 def _safe_eigvalsh(mats: Tensor, bad: Tensor | None = None) -> Tensor:
@@ -301,21 +400,21 @@ def _safe_eigvalsh(mats: Tensor, bad: Tensor | None = None) -> Tensor:
     ``bad[...]``, when given, flags every matrix that may be non-finite (the others are known finite);
     ``mats`` is then owned by the caller and overwritten with zeros there.
     """
-    # UPLO="U": LAPACK then reduces from the last column, so zero padding at the end costs almost nothing
-    if mats.numel() == 0:
-        return mats.new_zeros(mats.shape[:-1])
-    if bad is not None:
-        if bool(bad.any()):
-            mats[bad] = 0.0
-        return torch.where(bad.unsqueeze(-1), math.nan, _eigvalsh(mats))
-    finite = torch.isfinite(mats).flatten(-2).all(-1)
-    all_finite = bool(finite.all())
-    if not all_finite:
-        mats = torch.where(finite[..., None, None], mats, 0.0)
-    values = _eigvalsh(mats)
-    if not all_finite:
-        values = torch.where(finite[..., None], values, math.nan)
-    return values
+    return _safe_eigvalsh_stacks([mats], None if bad is None else [bad])[0]
+
+
+def _safe_eigvalsh_stacks(stacks: list[Tensor], bads: list[Tensor] | None = None) -> list[Tensor]:
+    """:func:`_safe_eigvalsh` of several stacks (of different sizes) in one spread-out batch."""
+    if bads is None:
+        bads = [~torch.isfinite(s).flatten(-2).all(-1) for s in stacks]
+        stacks = [torch.where(bad[..., None, None], 0.0, s) if bool(bad.any()) else s for s, bad in zip(stacks, bads)]
+    else:
+        for s, bad in zip(stacks, bads):
+            if bool(bad.any()):
+                s[bad] = 0.0
+    values = _eigvalsh([s for s in stacks if s.numel()])
+    results = [values.pop(0) if s.numel() else s.new_zeros(s.shape[:-1]) for s in stacks]
+    return [torch.where(bad.unsqueeze(-1), math.nan, v) for v, bad in zip(results, bads)]
 
 
 def _kept_eigenvalues(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -377,18 +476,20 @@ def _token_core(
     hidden: Tensor,
     mask: Tensor | None,
     *,
-    entropy: bool,
-    curvature: bool,
+    entropy: bool = False,
+    curvature: bool = False,
+    pool: bool = False,
     alpha: float = 1.0,
     normalized: bool = True,
 ) -> dict[str, Tensor]:
-    """Shared engine of prompt_entropy, curvature and token_metrics (float64 results, shape [..., B]).
+    """Shared engine of mean_pool, prompt_entropy, curvature and token_metrics (float64, shape [..., B]).
 
-    Blocks of prompts (see :class:`_TokenBlocks`) are centered in float64. For entropy, the Gram matrices
-    of their unit rows (or the D x D covariances when the longest prompt exceeds D) are written into one
-    zero-padded stack that goes through a single ``eigvalsh`` call. Curvature needs only the Gram
-    diagonals ``<z_k, z_k>``, ``<z_k, z_{k+1}>``, ``<z_k, z_{k+2}>``: read from the Gram stack when there is
-    one, else computed directly from the tokens (a few elementwise passes instead of a T x T Gram).
+    Blocks of prompts (see :class:`_TokenBlocks`) are copied to float64 and centered; their means are the
+    mean-pooled embeddings. For entropy, the Gram matrices of their unit rows (or the D x D covariances when
+    the longest prompt exceeds D) are written into zero-padded stacks, one per size group, that go through
+    one spread-out ``eigvalsh`` batch. Curvature needs only the Gram diagonals ``<z_k, z_k>``,
+    ``<z_k, z_{k+1}>``, ``<z_k, z_{k+2}>``: read from the Gram matrices when there are some, else computed
+    as one batched product of each token with itself and its next two.
     """
     hidden, mask = _check_tokens(hidden, mask)
     blocks = _TokenBlocks(hidden, mask)
@@ -396,61 +497,86 @@ def _token_core(
     size = max(blocks.longest, 1)  # all-padding token positions are dropped everywhere
     use_gram = entropy and size <= d
     use_cov = entropy and size > d
+    if use_gram:
+        blocks.group_by_size(_GRAM_SIZE_STEP)
     f64 = dict(dtype=torch.float64, device=hidden.device)
-    gram = torch.empty(rows, size, size, **f64) if use_gram else None
-    cov = torch.empty(rows, d, d, **f64) if use_cov else None
-    bands = curvature and not use_gram
-    if bands:  # squared norms and products <c_k, c_{k+1}>, <c_k, c_{k+2}> of the centered tokens
-        band0 = torch.zeros(rows, size, **f64)
-        band1 = torch.zeros(rows, max(size - 1, 0), **f64)
-        band2 = torch.zeros(rows, max(size - 2, 0), **f64)
-        mean_norms = torch.zeros(rows, 1, **f64)
+    # zero-padded Gram (n x n) or covariance (D x D) matrices of each group, and which hold non-finite values
+    matrices = [torch.empty(stop - start, n if use_gram else d, n if use_gram else d, **f64) for start, stop, n in blocks.groups] if entropy else []
     bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
+    if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
+        bands = torch.zeros(rows, size, 3, **f64)
+        mean_norms = torch.zeros(rows, 1, **f64)
+    pooled = torch.full((rows, d), math.nan, **f64) if pool else None
+    scratch = _Scratch(hidden.device)
 
-    for start, stop, xb, mb in blocks:
-        width = xb.shape[-2]
-        # the curvature bands only read pairs of valid tokens (valid ones come first)
-        c, mean_norm = _centered(xb, mb, zero_invalid=entropy)
+    def reduce_block(block: tuple[int, int, int, int, int]) -> None:
+        group, first, start, stop, width = block
+        p = stop - start
+        # two spare zero rows after the block: the band products of its last tokens read past it
+        flat = scratch.take(p * width + 2, d)
+        c = flat[: p * width].view(p, width, d)
+        mb = blocks.gather_into(c, start, stop, width)
+        if not (entropy or curvature):  # mean pooling only
+            pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
+            return
+        mean = _center_(c, mb, zero_invalid=entropy)
+        if pool:
+            pooled[start:stop] = mean.squeeze(-2)
+        mean_norm = torch.linalg.vector_norm(mean, dim=-1)
         if use_gram:
             # Gram of the centered rows, scaled to unit rows: G_ij = <c_i, c_j> / (|c_i| |c_j|); the rows and
             # columns beyond the block's longest prompt are exactly zero
-            gram[start:stop, width:] = 0.0
-            gram[start:stop, :width, width:] = 0.0
-            g = torch.matmul(c, c.mT, out=gram[start:stop, :width, :width])
+            stack = matrices[group][start - first : stop - first]
+            stack[:, width:] = 0.0
+            stack[:, :width, width:] = 0.0
+            g = torch.matmul(c, c.mT, out=stack[:, :width, :width])
             inverse, bad[start:stop] = _inverse_norms(torch.diagonal(g, 0, -2, -1), mean_norm)
             g.mul_(inverse.unsqueeze(-1)).mul_(inverse.unsqueeze(-2))
-            continue
-        squared = torch.linalg.vector_norm(c, dim=-1).square_()
-        if bands:
-            band0[start:stop, :width] = squared
-            band1[start:stop, : max(width - 1, 0)] = (c[:, :-1] * c[:, 1:]).sum(-1)
-            band2[start:stop, : max(width - 2, 0)] = (c[:, :-2] * c[:, 2:]).sum(-1)
+            if curvature:
+                for k in range(min(3, width)):
+                    bands[start:stop, : width - k, k] = torch.diagonal(g, k, -2, -1)
+            return
+        if curvature:
+            flat[-2:] = 0.0
+            # token i times tokens i, i+1, i+2 of the flattened block, as one batched (1 x D) @ (D x 3); the
+            # products that reach into the next prompt land beyond each prompt's band and are never read
+            products = torch.matmul(flat[:-2].unsqueeze(-2), flat.unfold(0, 3, 1))
+            bands[start:stop, :width] = products.view(p, width, 3)
             mean_norms[start:stop] = mean_norm
         if use_cov:
+            squared = bands[start:stop, :width, 0] if curvature else torch.linalg.vector_norm(c, dim=-1).square_()
             inverse, bad[start:stop] = _inverse_norms(squared, mean_norm)
             z = c.mul_(inverse.unsqueeze(-1))
-            torch.matmul(z.mT, z, out=cov[start:stop])
+            torch.matmul(z.mT, z, out=matrices[group][start - first : stop - first])
+
+    todo = [
+        (group, first, *block)
+        for group, (first, last, _) in enumerate(blocks.groups)
+        for block in blocks.blocks(first, last)
+    ]
+    # Gram blocks are matrix products: threads help. Without Gram the blocks are memory-bound: they do not.
+    _spread(reduce_block, todo, device=hidden.device, enough=use_gram and len(todo) >= 4)
 
     count = blocks.count
-    if entropy:  # prompts without valid tokens (sorted last) were never visited
-        (gram if use_gram else cov)[count == 0] = 0.0
     results: dict[str, Tensor] = {}
     if entropy:
-        values = _entropy_from_eigenvalues(_safe_eigvalsh(gram if use_gram else cov, bad), alpha)
+        values = torch.full((rows,), math.nan, **f64)
+        bads = [bad[start:stop] for start, stop, _ in blocks.groups]
+        for (start, stop, _), spectra in zip(blocks.groups, _safe_eigvalsh_stacks(matrices, bads)):
+            values[start:stop] = _entropy_from_eigenvalues(spectra, alpha)
         if normalized:
             values = values / torch.log(count.to(torch.float64).clamp(max=d))
         results["prompt_entropy"] = torch.where((count < 2) | bad, math.nan, values)
     if curvature:
-        if use_gram:
-            d0, d1, d2 = (torch.diagonal(gram, k, -2, -1) for k in (0, 1, 2))
-        else:  # products of the centered tokens -> products of the unit tokens
-            inverse, bad = _inverse_norms(band0, mean_norms)
-            d0 = band0 * inverse * inverse
-            d1 = band1 * inverse[:, :-1] * inverse[:, 1:]
-            d2 = band2 * inverse[:, :-2] * inverse[:, 2:]
+        d0, d1, d2 = bands[..., 0], bands[:, : size - 1, 1], bands[:, : max(size - 2, 0), 2]
+        if not use_gram:  # products of the centered tokens -> products of the unit tokens
+            inverse, bad = _inverse_norms(d0, mean_norms)
+            d0, d1, d2 = d0 * inverse * inverse, d1 * inverse[:, :-1] * inverse[:, 1:], d2 * inverse[:, :-2] * inverse[:, 2:]
         signed, absolute = _curvature_from_bands(d0, d1, d2, count)
         results["curvature"] = torch.where(bad, math.nan, signed)
         results["curvature_abs"] = torch.where(bad, math.nan, absolute)
+    if pool:
+        results["mean_pool"] = pooled
     return {key: blocks.unsort(value) for key, value in results.items()}
 
 
@@ -560,16 +686,7 @@ def mean_pool(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
         >>> mean_pool(hidden, torch.tensor([[1, 1, 0]]))
         tensor([[2., 3.]])
     """
-    hidden, mask = _check_tokens(hidden, mask)
-    blocks = _TokenBlocks(hidden, mask)
-    total = torch.zeros(blocks.rows, blocks.hidden_size, dtype=torch.float64, device=hidden.device)
-    for start, stop, xb, mb in blocks:
-        kept = xb.to(torch.float64, copy=True)
-        if mb is not None:
-            _zero_rows(kept, ~mb)
-        total[start:stop] = kept.sum(-2)
-    pooled = total / blocks.count.unsqueeze(-1)  # 0 / 0 = NaN for a prompt without valid tokens
-    return blocks.unsort(pooled).to(_result_dtype(hidden))
+    return _token_core(hidden, mask, pool=True)["mean_pool"].to(_result_dtype(hidden))
 
 
 @torch.no_grad()
@@ -643,11 +760,11 @@ def curvature(hidden: Tensor, mask: Tensor | None = None, *, absolute: bool = Fa
 def token_metrics(
     hidden: Tensor, mask: Tensor | None = None, *, alpha: float = 1.0, normalized: bool = True
 ) -> dict[str, Tensor]:
-    """Prompt entropy, curvature and absolute curvature from one Gram matrix per prompt.
+    """Prompt entropy, curvature, absolute curvature and the mean-pooled embeddings in one pass.
 
-    Equivalent to calling :func:`prompt_entropy` and :func:`curvature` (both variants), but the
-    normalized tokens and their Gram matrix are computed once: curvature only needs the Gram entries
-    ``<z_k, z_k>``, ``<z_k, z_{k+1}>`` and ``<z_k, z_{k+2}>``.
+    Equivalent to calling :func:`prompt_entropy`, :func:`curvature` (both variants) and :func:`mean_pool`,
+    but every prompt is read, centered and turned into a Gram matrix once: centering yields the mean, and
+    curvature only needs the Gram entries ``<z_k, z_k>``, ``<z_k, z_{k+1}>`` and ``<z_k, z_{k+2}>``.
 
     Args:
         hidden: ``[..., B, T, D]`` hidden states.
@@ -656,7 +773,8 @@ def token_metrics(
         normalized: divide the entropy by ``ln(min(N, D))``.
 
     Returns:
-        ``{"prompt_entropy", "curvature", "curvature_abs"}``, each ``[..., B]``.
+        ``{"prompt_entropy", "curvature", "curvature_abs"}``, each ``[..., B]``, and ``"mean_pool"``
+        ``[..., B, D]``.
 
     Example:
         >>> import torch
@@ -664,12 +782,12 @@ def token_metrics(
         >>> tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]])
         >>> values = token_metrics(tokens)
         >>> sorted(values)
-        ['curvature', 'curvature_abs', 'prompt_entropy']
+        ['curvature', 'curvature_abs', 'mean_pool', 'prompt_entropy']
         >>> values["prompt_entropy"], values["curvature"]
         (tensor([1.]), tensor([1.5708]))
     """
     alpha = _check_alpha(alpha)
-    out = _token_core(hidden, mask, entropy=True, curvature=True, alpha=alpha, normalized=normalized)
+    out = _token_core(hidden, mask, entropy=True, curvature=True, pool=True, alpha=alpha, normalized=normalized)
     dtype = _result_dtype(hidden)
     return {key: value.to(dtype) for key, value in out.items()}
 

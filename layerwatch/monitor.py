@@ -429,12 +429,15 @@ class LayerWatch:
         if batch.pass_index >= 0:
             buffers.tensors["views"][index, batch.rows, batch.pass_index] = M.mean_pool(real_hidden, mask).float()
             return
+        pooled = None
         if buffers.need_tokens:
             values = M.token_metrics(real_hidden, mask, alpha=self.alpha)
             for name in ("prompt_entropy", "curvature", "curvature_abs"):
                 buffers.tensors[name][index, batch.rows] = values[name].float()
+            pooled = values["mean_pool"]
         if buffers.need_pooled:
-            buffers.tensors["pooled"][index, batch.rows] = M.mean_pool(real_hidden, mask).float()
+            pooled = M.mean_pool(real_hidden, mask) if pooled is None else pooled
+            buffers.tensors["pooled"][index, batch.rows] = pooled.float()
         if buffers.need_health:
             tokens = real_hidden[mask].float()
             finite = torch.isfinite(tokens)

@@ -35,6 +35,9 @@ ATOL = 1e-8  # ... and absolute near zero
 ZERO_ROW_RTOL = 1e-10
 CURVATURE_ZERO_TOL = 1e-10
 
+# token_metrics() values with one number per prompt (besides them: "mean_pool", one vector per prompt)
+PROMPT_METRICS = ("prompt_entropy", "curvature", "curvature_abs")
+
 
 # ----------------------------------------------------------------------------------------------------
 # independent references (numpy float64, loops)
@@ -280,8 +283,9 @@ def test_token_level_matches_reference(dtype, side, d):
     assert_close(prompt_entropy(hidden, mask, normalized=False), ref_prompt_entropy(seen, mask_np, normalized=False))
 
     fused = token_metrics(hidden, mask)
-    assert set(fused) == {"prompt_entropy", "curvature", "curvature_abs"}
-    assert all(v.dtype == dtype and v.shape == (2, 7) for v in fused.values())
+    assert set(fused) == {"prompt_entropy", "curvature", "curvature_abs", "mean_pool"}
+    assert all(v.dtype == dtype and v.shape[:2] == (2, 7) for v in fused.values())
+    assert_close(fused["mean_pool"], ref_mean_pool(seen, mask_np))
     assert_close(fused["prompt_entropy"], expected_entropy)
     assert_close(fused["curvature"], expected_curv)
     assert_close(fused["curvature_abs"], expected_abs)
@@ -292,9 +296,12 @@ def test_token_level_matches_reference(dtype, side, d):
 
 @pytest.mark.parametrize("block_bytes", [1, 5000])  # one prompt per block; a few prompts per block
 @pytest.mark.parametrize("side", ["right", "left", "holes"])
-def test_many_blocks_match_reference(monkeypatch, block_bytes, side):
-    """The block loop (prompts sorted by length, cropped, compacted, results unsorted) on small blocks."""
+@pytest.mark.parametrize("copy_runs", [0, 4])  # rows gathered by index_select; copied from strided views
+def test_many_blocks_match_reference(monkeypatch, block_bytes, side, copy_runs):
+    """The block loop (prompts sorted by length, cropped, compacted, grouped by Gram size, results unsorted)."""
     monkeypatch.setattr(metrics, "_CPU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(metrics, "_MAX_COPY_RUNS", copy_runs)
+    monkeypatch.setattr(metrics, "_GRAM_SIZE_STEP", 3)  # lengths 1..10: Gram groups of size 3, 6, 9 and 10
     hidden_np, mask_np = make_tokens(layers=3, prompts=9, t=10, d=12, side=side, seed=21)
     hidden, mask = to_torch(hidden_np, torch.float32), torch.tensor(mask_np)
     seen = reference_input(hidden)
@@ -308,6 +315,24 @@ def test_many_blocks_match_reference(monkeypatch, block_bytes, side):
     all_real = np.ones((9, 10), dtype=bool)  # mask None: blocks are slices of the input, no copy
     assert_close(curvature(dense), ref_curvature(dense.numpy(), all_real))
     assert_close(prompt_entropy(dense), ref_prompt_entropy(dense.numpy(), all_real))
+
+
+def test_threaded_blocks_match_serial_and_restore_the_thread_count(monkeypatch):
+    """With 2 threads, Gram blocks and eigenvalues are spread over Python threads: same results, same setting."""
+    monkeypatch.setattr(metrics, "_CPU_BLOCK_BYTES", 5000)
+    hidden_np, mask_np = make_tokens(layers=4, prompts=9, t=30, d=40, side="right", seed=22)
+    hidden, mask = to_torch(hidden_np, torch.float32), torch.tensor(mask_np)
+    serial = token_metrics(hidden, mask)  # conftest runs torch with 1 thread: nothing is spread
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threaded = token_metrics(hidden, mask)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for key in serial:
+        torch.testing.assert_close(threaded[key], serial[key], rtol=1e-6, atol=1e-8, equal_nan=True, msg=key)
+    assert_close(threaded["prompt_entropy"], ref_prompt_entropy(reference_input(hidden), mask_np))
 
 
 def test_large_common_offset_is_centered_accurately():
@@ -581,6 +606,7 @@ def test_scaling_leaves_every_metric_unchanged():
         h = torch.where(mask[..., None], hidden * scale, hidden)  # scale the real tokens only
         v = views * scale
         out = dict(token_metrics(h, mask))
+        out["mean_pool"] = out["mean_pool"] / scale  # the one value that scales (linearly)
         out["pooled_entropy"] = dataset_entropy(mean_pool(h, mask)[:, 3:])
         out["effective_rank"] = effective_rank(v[..., 0, :])
         out["infonce"] = infonce(v[..., 0, :], v[..., 1, :])
@@ -652,7 +678,7 @@ def test_identical_tokens_do_not_disturb_other_prompts():
     broken[:, 5] = torch.tensor(np.random.default_rng(0).normal(size=12)) * 1.7  # all tokens of prompt 5 equal
     broken[:, 5] = torch.where(mask[5, :, None], broken[:, 5], float("nan"))
     values = token_metrics(broken, mask)
-    for key in base:
+    for key in PROMPT_METRICS:
         assert torch.isnan(values[key][:, 5]).all() or (values[key][:, 5] == 0).all()
         others = [i for i in range(7) if i != 5]
         torch.testing.assert_close(values[key][:, others], base[key][:, others], rtol=0, atol=0, equal_nan=True)
@@ -669,7 +695,7 @@ def test_nonfinite_token_poisons_only_its_prompt_and_layer(poison):
     position = int(torch.nonzero(mask[4])[2])
     broken[1, 4, position, 3] = poison
     values = token_metrics(broken, mask)
-    for key in base:
+    for key in PROMPT_METRICS:
         assert torch.isnan(values[key][1, 4])
         expected = base[key].clone()
         expected[1, 4] = math.nan
@@ -745,15 +771,17 @@ def test_threaded_eigenvalues_match_and_restore_the_thread_count():
     from layerwatch.metrics import _eigvalsh
 
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 20, 24, 10, dtype=torch.float64, generator=generator)
-    mats = x @ x.transpose(-1, -2)
+    stacks = []
+    for shape in ((3, 20, 24, 10), (7, 32, 40), (5, 16, 3)):  # stacks of several sizes, one batch
+        x = torch.randn(*shape, dtype=torch.float64, generator=generator)
+        stacks.append(x @ x.transpose(-1, -2))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        threaded = _eigvalsh(mats)
+        threaded = _eigvalsh(stacks)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    expected = np.linalg.eigvalsh(mats.numpy())
-    assert threaded.shape == (3, 20, 24)
-    np.testing.assert_allclose(threaded.numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert [values.shape for values in threaded] == [(3, 20, 24), (7, 32), (5, 16)]
+    for values, mats in zip(threaded, stacks):
+        np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(mats.numpy()), rtol=1e-10, atol=1e-10)
