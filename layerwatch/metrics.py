@@ -540,7 +540,7 @@ def _token_core(
             flat[-2:] = 0.0
             # token i times tokens i, i+1, i+2 of the flattened block, as one batched (1 x D) @ (D x 3); the
             # products that reach into the next prompt land beyond each prompt's band and are never read
-            products = torch.matmul(flat[:-2].unsqueeze(-2), flat.unfold(0, 3, 1))
+            products = torch.bmm(flat[:-2].unsqueeze(-2), flat.unfold(0, 3, 1))
             bands[start:stop, :width] = products.view(p, width, 3)
             mean_norms[start:stop] = mean_norm
         if use_cov:
