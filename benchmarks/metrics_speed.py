@@ -324,7 +324,8 @@ def main(argv=None) -> int:
             },
         ),
     ]
-    suite = ["mean_pool (2 views)", "token_metrics (fused)", "dataset_entropy", "effective_rank", "infonce", "lidar", "dime", "bimodality"]
+    suite = ["mean_pool (2 views)", "token_metrics (fused)", "dataset_entropy", "effective_rank", "infonce", "lidar"]
+    suite += ["dime", "bimodality"]
 
     rows = {}
     for name, fast_fn, naive_fn in cases:

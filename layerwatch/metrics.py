@@ -353,8 +353,9 @@ def _spread(fn: Callable[[T], R], items: list[T], *, device: torch.device, enoug
     Torch runs one op after another, and its intra-op threads only split each op: on small ops (a block of a
     few prompts, one small eigendecomposition) they mostly wait for each other. Independent items on Python
     threads with one intra-op thread each (ops release the GIL) keep every core busy: on 2 cores, 2x faster for
-    small eigendecompositions, about 1.1x for blocks of Gram products. ``fn`` must only write to memory of its own item. The previous thread count is restored before
-    returning; the probe runs while training waits, so nothing else is computing meanwhile.
+    small eigendecompositions, about 1.1x for blocks of Gram products. ``fn`` must only write to memory of its own
+    item. The previous thread count is restored before returning; the probe runs while training waits, so nothing
+    else is computing meanwhile.
     """
     global _POOL
     threads = torch.get_num_threads()
@@ -501,7 +502,8 @@ def _token_core(
         blocks.group_by_size(_GRAM_SIZE_STEP)
     f64 = dict(dtype=torch.float64, device=hidden.device)
     # zero-padded Gram (n x n) or covariance (D x D) matrices of each group, and which hold non-finite values
-    matrices = [torch.empty(stop - start, n if use_gram else d, n if use_gram else d, **f64) for start, stop, n in blocks.groups] if entropy else []
+    sizes = [(stop - start, n if use_gram else d) for start, stop, n in blocks.groups] if entropy else []
+    matrices = [torch.empty(count, n, n, **f64) for count, n in sizes]
     bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
     if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
         bands = torch.zeros(rows, size, 3, **f64)
@@ -571,7 +573,9 @@ def _token_core(
         d0, d1, d2 = bands[..., 0], bands[:, : size - 1, 1], bands[:, : max(size - 2, 0), 2]
         if not use_gram:  # products of the centered tokens -> products of the unit tokens
             inverse, bad = _inverse_norms(d0, mean_norms)
-            d0, d1, d2 = d0 * inverse * inverse, d1 * inverse[:, :-1] * inverse[:, 1:], d2 * inverse[:, :-2] * inverse[:, 2:]
+            d0 = d0 * inverse * inverse
+            d1 = d1 * inverse[:, :-1] * inverse[:, 1:]
+            d2 = d2 * inverse[:, :-2] * inverse[:, 2:]
         signed, absolute = _curvature_from_bands(d0, d1, d2, count)
         results["curvature"] = torch.where(bad, math.nan, signed)
         results["curvature_abs"] = torch.where(bad, math.nan, absolute)
