@@ -501,10 +501,10 @@ def _token_core(
     if use_gram:
         blocks.group_by_size(_GRAM_SIZE_STEP)
     f64 = dict(dtype=torch.float64, device=hidden.device)
-    # zero-padded Gram (n x n) or covariance (D x D) matrices of each group, and which hold non-finite values
+    # the zero-padded Gram (n x n) or covariance (D x D) matrices of each group of rows
     sizes = [(stop - start, n if use_gram else d) for start, stop, n in blocks.groups] if entropy else []
     matrices = [torch.empty(count, n, n, **f64) for count, n in sizes]
-    bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)
+    bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)  # prompts holding non-finite values
     if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
         bands = torch.zeros(rows, size, 3, **f64)
         mean_norms = torch.zeros(rows, 1, **f64)
