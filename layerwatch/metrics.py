@@ -309,15 +309,15 @@ def _valid_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
     return rows.sum(-2, keepdim=True) / mask.sum(-1, keepdim=True).unsqueeze(-1).clamp(min=1)
 
 
-def _center_(rows: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> Tensor:
+def _center_(rows: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> tuple[Tensor, Tensor]:
     """Subtract the mean of the valid rows from float64 ``rows[..., N, D]`` in place; return the mean
-    ``[..., 1, D]``. After centering, invalid rows are zeroed again (they would hold ``-mean``) unless
-    ``zero_invalid=False`` (callers that never read them)."""
+    ``[..., 1, D]`` and its norm ``[..., 1]``. After centering, invalid rows are zeroed again (they would hold
+    ``-mean``) unless ``zero_invalid=False`` (callers that never read them)."""
     mean = _valid_mean(rows, mask)
     rows.sub_(mean)
     if mask is not None and zero_invalid:
         _zero_rows(rows, ~mask)
-    return mean
+    return mean, torch.linalg.vector_norm(mean, dim=-1)
 
 
 def _inverse_norms(squared_norms: Tensor, mean_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,8 +338,8 @@ def _center_unit(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """normalize() in float64: ``(z, bad)`` with ``z[..., N, D]`` (invalid and zero rows exactly 0) and
     ``bad[...]`` True where the set holds a non-finite value (its ``z`` is meaningless)."""
     z = x.to(torch.float64, copy=True)
-    mean = _center_(z, mask)
-    inverse, bad = _inverse_norms(torch.linalg.vector_norm(z, dim=-1).square(), torch.linalg.vector_norm(mean, dim=-1))
+    _, mean_norm = _center_(z, mask)
+    inverse, bad = _inverse_norms(torch.linalg.vector_norm(z, dim=-1).square(), mean_norm)
     z.mul_(inverse.unsqueeze(-1))
     return z, bad
 
@@ -507,6 +507,7 @@ def _token_core(
     bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)  # prompts holding non-finite values
     if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
         bands = torch.zeros(rows, size, 3, **f64)
+    if curvature and not use_gram:  # to scale the bands to unit tokens afterwards
         mean_norms = torch.zeros(rows, 1, **f64)
     pooled = torch.full((rows, d), math.nan, **f64) if pool else None
     scratch = _Scratch(hidden.device)
@@ -521,10 +522,9 @@ def _token_core(
         if not (entropy or curvature):  # mean pooling only
             pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
             return
-        mean = _center_(c, mb, zero_invalid=entropy)
+        mean, mean_norm = _center_(c, mb, zero_invalid=entropy)
         if pool:
             pooled[start:stop] = mean.squeeze(-2)
-        mean_norm = torch.linalg.vector_norm(mean, dim=-1)
         if use_gram:
             # Gram of the centered rows, scaled to unit rows: G_ij = <c_i, c_j> / (|c_i| |c_j|); the rows and
             # columns beyond the block's longest prompt are exactly zero
