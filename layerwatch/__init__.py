@@ -15,9 +15,19 @@ Then ``tensorboard --logdir runs/layerwatch``. See the README for the Trainer an
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from layerwatch._version import __version__
+
+# In a source checkout the top-level integrations/ folder sits beside this package; an install maps it in as
+# layerwatch.integrations (pyproject.toml's package-dir). Map it here too, so that code run from the repository
+# root imports exactly like the installed package.
+_source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "integrations")) and os.path.isfile(
+    os.path.join(_source_root, "integrations", "__init__.py")
+):
+    __path__.append(_source_root)
 
 __all__ = ["LayerWatch", "Probe", "ProbeRecord", "read_run", "Run", "metrics", "__version__"]
 

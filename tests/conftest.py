@@ -6,6 +6,9 @@ import torch
 
 # Make tests/models.py importable as `models` from every test file.
 sys.path.insert(0, os.path.dirname(__file__))
+# Subprocesses (the CLI, examples, torchrun workers) import this checkout too, not another installed copy.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
