@@ -6,10 +6,11 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from layerwatch import registry
+
 logger = logging.getLogger(__name__)
 
 BIMODALITY_THRESHOLD = 5 / 9  # Sarle's coefficient of a uniform distribution; above it suggests two modes
-COLLAPSE_METRICS = ("prompt_entropy", "dataset_entropy")
 
 
 @dataclass
@@ -17,7 +18,8 @@ class AlertTracker:
     """Turns per-layer metrics into alerts, remembering which conditions already fired.
 
     Args:
-        collapse_threshold: a normalized entropy (prompt or dataset) below this is a collapse.
+        collapse_threshold: a value of a collapse-watched metric (the registry's ``collapse_watched``: the normalized
+            prompt and dataset entropies) below this is a collapse.
         collapse_drop: a relative drop larger than this fraction since the previous probe is a collapse.
     """
 
@@ -44,7 +46,7 @@ class AlertTracker:
                     f"nonfinite: layer {layer} has {int(count)} non-finite activation values at step {step}",
                     alerts,
                 )
-        for name in COLLAPSE_METRICS:
+        for name in registry.collapse_metrics():
             values = metrics.get(name)
             if values is None:
                 continue

@@ -40,54 +40,24 @@ from layerwatch.capture import (
     model_config,
     model_device,
 )
+from layerwatch import registry
 from layerwatch.probe import PROBE_FILENAME, Probe
+from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, resolve_metrics
 from layerwatch.record import ProbeRecord
 from layerwatch.schedule import ProbeSchedule
 from layerwatch.sinks import JSONL_NAME, JsonlSink, Sink, TensorBoardSink, read_jsonl_records
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerWatch", "ProbeRecord", "ProbeError", "METRIC_PRESETS", "ALL_METRICS"]
+__all__ = ["LayerWatch", "ProbeRecord", "ProbeError", "METRIC_PRESETS", "ALL_METRICS", "resolve_metrics"]
 
-TOKEN_METRICS = ("prompt_entropy", "prompt_entropy_bimodality", "curvature", "curvature_abs")
-HEALTH_METRICS = ("rms", "max_abs", "nonfinite")
-POOLED_METRICS = ("dataset_entropy", "effective_rank")
-VIEW_METRICS = ("infonce", "dime", "lidar")
-ALL_METRICS = TOKEN_METRICS + HEALTH_METRICS + POOLED_METRICS + VIEW_METRICS
-
-_LIGHT = ("prompt_entropy", "prompt_entropy_bimodality", "dataset_entropy", "curvature", "effective_rank") + HEALTH_METRICS
-METRIC_PRESETS: dict[str, tuple[str, ...]] = {
-    "light": _LIGHT,
-    "standard": _LIGHT + VIEW_METRICS,
-    "paper": _LIGHT + VIEW_METRICS,
-}
-_VIEWS_FOR_PRESET = {"light": 0, "standard": 2, "paper": 16}
+# Derived aliases of the built-in metrics (the registry, layerwatch.registry, is the live source).
+METRIC_PRESETS: dict[str, tuple[str, ...]] = registry.metric_presets()
+ALL_METRICS = registry.all_metrics()
 
 
 class ProbeError(RuntimeError):
     """A probe failed (on this rank or on another one)."""
-
-
-def resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...], int]:
-    """(preset name, metric names, LiDAR views) from the ``metrics=`` argument; ValueError naming it if invalid."""
-    if isinstance(metrics, str):
-        if metrics not in METRIC_PRESETS:
-            raise ValueError(
-                f"metrics={metrics!r} is not a preset; use one of {sorted(METRIC_PRESETS)} or a list of metric names "
-                f"from {list(ALL_METRICS)}"
-            )
-        return metrics, METRIC_PRESETS[metrics], _VIEWS_FOR_PRESET[metrics]
-    names: list[str] = []
-    for name in metrics:
-        expanded = HEALTH_METRICS if name == "health" else (name,)
-        for item in expanded:
-            if item not in ALL_METRICS:
-                raise ValueError(f"metrics= contains unknown metric {item!r}; known metrics are {list(ALL_METRICS)}")
-            if item not in names:
-                names.append(item)
-    if not names:
-        raise ValueError("metrics= is empty; give a preset ('light', 'standard', 'paper') or metric names")
-    return "custom", tuple(names), 2 if set(names) & set(VIEW_METRICS) else 0
 
 
 def _distributed() -> tuple[int, int]:
@@ -123,18 +93,21 @@ class _Batch:
 class _Buffers:
     """Per-probe accumulators, filled by the hooks; each rank writes only its own rows so a SUM reduces them."""
 
-    def __init__(self, layers: int, prompts: int, views: int, need_tokens: bool, need_pooled: bool, need_health: bool):
+    def __init__(self, layers: int, prompts: int, views: int, names: Sequence[str]):
         self.shape = (layers, prompts, views)
-        self.need_tokens, self.need_pooled, self.need_health = need_tokens, need_pooled, need_health
+        specs = [REGISTRY[name] for name in names]
+        token_names = [s.name for s in specs if s.per_prompt is not None] + [u for s in specs for u in s.uses]
+        self.token_names = tuple(dict.fromkeys(token_names))  # per-prompt buffers, one per token metric
+        self.need_pooled = any(POOLED in s.needs for s in specs)
+        self.need_health = any(HEALTH in s.needs for s in specs)
         self.tensors: dict[str, torch.Tensor] = {}
         self.max_abs: torch.Tensor | None = None
 
     def allocate(self, width: int, device: torch.device) -> None:
         layers, prompts, views = self.shape
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
-        if self.need_tokens:
-            for name in ("prompt_entropy", "curvature", "curvature_abs"):
-                self.tensors[name] = zeros(layers, prompts)
+        for name in self.token_names:
+            self.tensors[f"per_prompt/{name}"] = zeros(layers, prompts)
         if self.need_health:
             self.tensors["health"] = zeros(layers, 3)  # sum of squares, finite count, non-finite count
             self.max_abs = zeros(layers)
@@ -142,6 +115,20 @@ class _Buffers:
             self.tensors["pooled"] = zeros(layers, prompts, width)
         if views:
             self.tensors["views"] = zeros(layers, prompts, views, width)
+
+    def per_prompt(self, name: str) -> torch.Tensor:
+        return self.tensors[f"per_prompt/{name}"]
+
+    def set_inputs(self, alpha: float, seed: int) -> SetInputs:
+        return SetInputs(
+            per_prompt={name: self.per_prompt(name) for name in self.token_names},
+            pooled=self.tensors.get("pooled"),
+            views=self.tensors.get("views"),
+            health=self.tensors.get("health"),
+            max_abs=self.max_abs,
+            alpha=alpha,
+            seed=seed,
+        )
 
     def pack(self) -> torch.Tensor:
         return torch.cat([t.flatten() for t in self.tensors.values()])
@@ -358,11 +345,11 @@ class LayerWatch:
         self._validated.add(model)
 
     def _passes(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        names = set(self.metric_names)
+        needs = {need for name in self.metric_names for need in REGISTRY[name].needs}
         passes = []
-        if names - set(VIEW_METRICS):
+        if needs - {VIEWS}:
             passes.append((-1, self.probe.input_ids, self.probe.attention_mask))
-        if names & set(VIEW_METRICS):
+        if VIEWS in needs:
             for k in range(self.num_views):
                 view_ids, view_mask = self.probe.views[k]
                 passes.append((k, view_ids, view_mask))
@@ -373,16 +360,9 @@ class LayerWatch:
         blocks = find_blocks(model, self.layers)
         rank, world = _distributed()
         device = self.device or model_device(model)
-        names = set(self.metric_names)
         prompts = self.probe.num_prompts
-        buffers = _Buffers(
-            layers=len(blocks) + 1,
-            prompts=prompts,
-            views=self.num_views if names & set(VIEW_METRICS) else 0,
-            need_tokens=bool(names & set(TOKEN_METRICS)),
-            need_pooled=bool(names & set(POOLED_METRICS)),
-            need_health=bool(names & set(HEALTH_METRICS)),
-        )
+        uses_views = any(VIEWS in REGISTRY[name].needs for name in self.metric_names)
+        buffers = _Buffers(len(blocks) + 1, prompts, self.num_views if uses_views else 0, self.metric_names)
         # This rank's rows, padded so that every rank runs the same number of forwards (collectives stay paired).
         per_rank = math.ceil(prompts / world)
         rows = list(range(rank, prompts, world))
@@ -429,15 +409,11 @@ class LayerWatch:
         if batch.pass_index >= 0:
             buffers.tensors["views"][index, batch.rows, batch.pass_index] = M.mean_pool(real_hidden, mask).float()
             return
-        pooled = None
-        if buffers.need_tokens:
-            values = M.token_metrics(real_hidden, mask, alpha=self.alpha)
-            for name in ("prompt_entropy", "curvature", "curvature_abs"):
-                buffers.tensors[name][index, batch.rows] = values[name].float()
-            pooled = values["mean_pool"]
+        layer = TokenInputs(real_hidden, mask, self.alpha)
+        for name in buffers.token_names:
+            buffers.per_prompt(name)[index, batch.rows] = REGISTRY[name].per_prompt(layer).float()
         if buffers.need_pooled:
-            pooled = M.mean_pool(real_hidden, mask) if pooled is None else pooled
-            buffers.tensors["pooled"][index, batch.rows] = pooled.float()
+            buffers.tensors["pooled"][index, batch.rows] = layer.pooled().float()
         if buffers.need_health:
             tokens = real_hidden[mask].float()
             finite = torch.isfinite(tokens)
@@ -463,44 +439,16 @@ class LayerWatch:
                 torch.distributed.all_reduce(buffers.max_abs, op=torch.distributed.ReduceOp.MAX)
 
     def _record(self, step: int, started: float, num_layers: int, buffers: _Buffers, world: int) -> ProbeRecord:
-        names = set(self.metric_names)
-        tensors = buffers.tensors
-        values: dict[str, torch.Tensor] = {}
-        per_prompt: dict[str, list[list[float]]] = {}
-        if buffers.need_tokens:
-            for name in ("prompt_entropy", "curvature", "curvature_abs"):
-                if name in names:
-                    values[name] = torch.nanmean(tensors[name].double(), dim=-1)
-                    if name != "curvature_abs":
-                        per_prompt[name] = tensors[name].tolist()
-            if "prompt_entropy_bimodality" in names:
-                values["prompt_entropy_bimodality"] = M.bimodality(tensors["prompt_entropy"].double(), dim=-1)
-        if buffers.need_pooled:
-            pooled = tensors["pooled"]
-            if "dataset_entropy" in names:
-                values["dataset_entropy"] = M.dataset_entropy(pooled, alpha=self.alpha)
-            if "effective_rank" in names:
-                values["effective_rank"] = M.effective_rank(pooled)
-        if "views" in tensors:
-            views = tensors["views"]
-            if "infonce" in names:
-                values["infonce"] = M.infonce(views[:, :, 0], views[:, :, 1])
-            if "dime" in names:
-                generator = torch.Generator(device=views.device).manual_seed(self.seed)
-                values["dime"] = M.dime(views[:, :, 0], views[:, :, 1], alpha=self.alpha, generator=generator)
-            if "lidar" in names:
-                values["lidar"] = M.lidar(views, alpha=self.alpha)
-        if buffers.need_health:
-            health = tensors["health"].double()
-            values["rms"] = torch.sqrt(health[:, 0] / health[:, 1].clamp_min(1))  # over finite elements
-            values["max_abs"] = buffers.max_abs.double()
-            values["nonfinite"] = health[:, 2]
-            broken = health[:, 2] > 0
-            for name, per_layer in values.items():  # a layer with non-finite activations has no trustworthy metric
-                if name not in HEALTH_METRICS:
-                    values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer.double())
+        inputs = buffers.set_inputs(self.alpha, self.seed)
+        values = {name: REGISTRY[name].set_value(inputs).double() for name in self.metric_names}
+        per_prompt = {name: buffers.per_prompt(name).tolist() for name in self.metric_names if REGISTRY[name].histogram}
+        if inputs.health is not None:  # a layer with non-finite activations has no trustworthy metric
+            broken = inputs.health[:, 2] > 0
+            for name, per_layer in values.items():
+                if HEALTH not in REGISTRY[name].needs:
+                    values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
         layers = list(range(num_layers))
-        metrics = {name: values[name].double().cpu().tolist() for name in self.metric_names if name in values}
+        metrics = {name: values[name].cpu().tolist() for name in self.metric_names}
         # Early training compresses fast by design: the drop rule starts once probes are `every` steps apart.
         alerts = self.alerts.check(step, layers, metrics, check_drops=step >= self.schedule.every)
         record = ProbeRecord(

@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from layerwatch import registry
+from layerwatch.alerts import BIMODALITY_THRESHOLD
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
@@ -41,38 +44,6 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install layerwatch[report]"
 IMAGE_DIR = "report"
 HTML_NAME = "report.html"
-BIMODALITY_THRESHOLD = 5.0 / 9.0
-
-# Display order; metrics the run has but this list lacks come after, in the run's order.
-METRIC_ORDER = (
-    "prompt_entropy",
-    "dataset_entropy",
-    "curvature",
-    "curvature_abs",
-    "effective_rank",
-    "infonce",
-    "lidar",
-    "dime",
-    "prompt_entropy_bimodality",
-    "rms",
-    "max_abs",
-    "nonfinite",
-)
-DESCRIPTIONS = {
-    "prompt_entropy": "how spread a prompt's tokens are (normalized Renyi entropy; lower = more compressed)",
-    "dataset_entropy": "how diverse the prompts' mean-pooled representations are (normalized Renyi entropy)",
-    "curvature": "mean angle between consecutive token steps (radians; lower = straighter trajectories)",
-    "curvature_abs": "curvature with |cos| (the authors' later code)",
-    "effective_rank": "RankMe effective rank of the pooled representations",
-    "infonce": "InfoNCE loss between two augmented views (nats; chance is about ln(#prompts))",
-    "lidar": "LiDAR: entropy of the between-prompt vs within-view scatter (nats)",
-    "dime": "DiME: matrix-entropy difference between matched and shuffled view pairs",
-    "prompt_entropy_bimodality": "Sarle's bimodality coefficient of per-prompt prompt entropy (> 5/9: two modes?)",
-    "rms": "root mean square of the activations",
-    "max_abs": "largest absolute activation",
-    "nonfinite": "count of NaN/inf activation values",
-}
-
 
 class ReportError(Exception):
     """A problem the user can fix (no run, matplotlib missing); the CLI prints it and exits 2."""
@@ -109,7 +80,8 @@ def _save(figure: "Figure", path: Path, dpi: int) -> Path:
 
 def ordered_metrics(run: "Run") -> list[str]:
     """The run's metrics in display order, leaving out all-NaN ones and an all-zero ``nonfinite``."""
-    names = [m for m in METRIC_ORDER if m in run.metrics] + [m for m in run.metrics if m not in METRIC_ORDER]
+    order = registry.all_metrics()  # registry order; metrics it does not know (an older run) come after
+    names = [m for m in order if m in run.metrics] + [m for m in run.metrics if m not in order]
     kept = []
     for name in names:
         values = np.asarray(run.metric(name), dtype=np.float64)
@@ -404,7 +376,7 @@ def render_html(run: "Run", run_dir: Path, images: dict[str, Path], metrics: Seq
 
     parts.append('<h2 id="heatmaps">Layer x step heatmaps</h2>')
     for metric in metrics:
-        parts.append(f"<h3>{esc(metric)}</h3><p class=\"note\">{esc(DESCRIPTIONS.get(metric, ''))}</p>")
+        parts.append(f"<h3>{esc(metric)}</h3><p class=\"note\">{esc(registry.describe(metric))}</p>")
         image(f"heatmap_{metric}", f"{metric}: layer x step heatmap")
     parts.append('<h2 id="profiles">Depth profiles</h2>')
     image("depth_profiles", "depth profiles at the first, middle and last steps")

@@ -11,19 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from layerwatch import registry
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord
 from layerwatch.sinks import JSONL_NAME, read_jsonl_records
-
-# The metrics a summary table shows, in this order (those the run has).
-SUMMARY_METRICS = (
-    "prompt_entropy",
-    "dataset_entropy",
-    "curvature",
-    "effective_rank",
-    "infonce",
-    "lidar",
-    "dime",
-)
 
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 
@@ -160,10 +150,10 @@ def summary_table(run: Run, metrics: Sequence[str] | None = None, *, top: int = 
 
     Args:
         run: a run read by :func:`layerwatch.read_run`.
-        metrics: the metrics to show (default: the main metrics the run has).
+        metrics: the metrics to show (default: the main metrics the run has, the registry's ``summary`` ones).
         top: how many layers to name per metric in the "changed most" lines.
     """
-    names = [m for m in (metrics or SUMMARY_METRICS) if m in run.metrics]
+    names = [m for m in (metrics or registry.summary_metrics()) if m in run.metrics]
     steps = [int(s) for s in run.steps]
     if not steps or not names:
         return "(the run has no records)"

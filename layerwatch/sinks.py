@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from layerwatch import images
+from layerwatch import images, registry
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord, scalar_tag
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ class JsonlSink:
 _LIVE_WRITER_DIRS: set[str] = set()
 _LIVE_WRITER_LOCK = threading.Lock()
 
-HISTOGRAM_METRICS = ("prompt_entropy", "curvature")
-
 
 class TensorBoardSink:
     """Writes probe records as TensorBoard events in ``logdir``.
@@ -153,7 +151,7 @@ class TensorBoardSink:
         for tag, value in record.flat_scalars().items():
             writer.add_scalar(tag, value, record.step)
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
-        for name in HISTOGRAM_METRICS:
+        for name in registry.histogram_metrics():
             for layer, values in zip(record.layers, record.per_prompt.get(name, [])):
                 finite = np.asarray(values, dtype=np.float64)
                 finite = finite[np.isfinite(finite)]
