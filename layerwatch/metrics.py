@@ -42,7 +42,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -52,16 +52,27 @@ R = TypeVar("R")
 
 __all__ = [
     "EIGENVALUE_RTOL",
+    "PROBE_FOLDS",
+    "PROBE_RIDGE",
+    "SINK_NORM_RATIO",
+    "best_layer",
     "bimodality",
+    "check_labels",
     "curvature",
     "dataset_entropy",
     "dime",
     "effective_rank",
     "infonce",
+    "label_folds",
     "lidar",
+    "linear_cka",
+    "massive_activation",
     "mean_pool",
     "normalize",
     "prompt_entropy",
+    "prompt_entropy_without_sinks",
+    "probe_accuracy",
+    "sink_tokens",
     "token_metrics",
 ]
 
@@ -1039,3 +1050,323 @@ def bimodality(values: Tensor, dim: int = -1) -> Tensor:
     result = (skew * skew + 1) / denominator
     undefined = (n < 4) | ~(torch.sqrt(m2) > ZERO_ROW_RTOL * spread)
     return torch.where(undefined, math.nan, result).to(_result_dtype(values))
+
+
+# ----------------------------------------------------------------------------------------------------
+# beyond the papers: which layer is best, which layers move, compression or attention sink (SPEC §7)
+# ----------------------------------------------------------------------------------------------------
+
+#: Number of cross-validation folds of :func:`probe_accuracy`; every class needs at least this many prompts.
+PROBE_FOLDS = 5
+
+#: Ridge strength of :func:`probe_accuracy`, relative to the mean diagonal of the training Gram matrix (the
+#: rows are unit-norm after :func:`normalize`, so this is sklearn's ``RidgeClassifier(alpha=1.0)`` on them).
+PROBE_RIDGE = 1.0
+
+#: A token whose norm exceeds this multiple of its prompt's median token norm is a sink token (a massive
+#: activation, as on the first token of many pretrained decoders). Ordinary tokens of a prompt stay within a
+#: few times the median; the sinks reported in the literature sit 100 to 1000 times above it.
+SINK_NORM_RATIO = 10.0
+
+
+def check_labels(labels: Any, num_prompts: int | None = None, *, folds: int = PROBE_FOLDS) -> Tensor:
+    """Validate per-prompt class labels; return them as class indices ``0..C-1`` (int64 ``[M]``).
+
+    Labels may be any hashable values (ints, strings); classes are numbered in sorted order.
+
+    Raises:
+        ValueError: fewer than two classes, fewer than ``folds`` prompts in some class (the cross-validation
+            could not test every class in every fold), or a length different from ``num_prompts``.
+
+    Example:
+        >>> from layerwatch.metrics import check_labels
+        >>> check_labels(["b", "a", "b", "a", "a", "b"], folds=3)
+        tensor([1, 0, 1, 0, 0, 1])
+    """
+    if isinstance(labels, Tensor):
+        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"`labels` must be a 1-D integer tensor or a list, got {labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.tolist()
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+        raise TypeError(f"`labels` must be a sequence with one class per prompt, got {type(labels).__name__}")
+    labels = list(labels)
+    if num_prompts is not None and len(labels) != num_prompts:
+        raise ValueError(f"`labels` has {len(labels)} entries but the probe has {num_prompts} prompts; give one label per prompt")
+    try:
+        classes = sorted(set(labels))
+    except TypeError as error:
+        raise TypeError(f"`labels` must be comparable values of one kind (ints or strings): {error}") from None
+    if len(classes) < 2:
+        raise ValueError(f"`labels` must hold at least two classes for probe_accuracy, got {classes}")
+    counts = {c: 0 for c in classes}
+    for label in labels:
+        counts[label] += 1
+    small = {c: n for c, n in counts.items() if n < folds}
+    if small:
+        raise ValueError(
+            f"`labels`: every class needs at least {folds} prompts for {folds}-fold cross-validation; these have fewer: "
+            f"{small}. Add prompts of those classes or drop them"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[label] for label in labels], dtype=torch.int64)
+
+
+def label_folds(classes: Tensor, *, folds: int = PROBE_FOLDS, seed: int = 0) -> Tensor:
+    """Stratified k-fold assignment ``[M]`` (fold of each prompt) fixed by ``seed``.
+
+    Prompts are shuffled with a generator seeded by ``seed``; each class's prompts are then dealt to the folds
+    in turn, continuing where the previous class stopped, so folds differ in size by at most one and hold
+    every class (given at least ``folds`` prompts per class).
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import label_folds
+        >>> fold = label_folds(torch.tensor([0, 0, 0, 1, 1, 1]), folds=3)
+        >>> sorted(fold[:3].tolist()), sorted(fold[3:].tolist())
+        ([0, 1, 2], [0, 1, 2])
+    """
+    classes = classes.cpu()
+    order = torch.randperm(classes.numel(), generator=torch.Generator().manual_seed(int(seed)))
+    fold = torch.empty(classes.numel(), dtype=torch.int64)
+    dealt = 0
+    for c in torch.unique(classes).tolist():  # a loop over classes, not prompts
+        members = order[classes[order] == c]
+        fold[members] = (torch.arange(members.numel()) + dealt) % folds
+        dealt += members.numel()
+    return fold
+
+
+def _ridge_fold_scores(gram: Tensor, targets: Tensor, train: Tensor, test: Tensor, ridge: float) -> Tensor:
+    """Class scores ``[..., n_test, C]`` of a ridge regression (with intercept) fitted on the ``train`` rows,
+    in the dual form: ``Ktest,train (Ktrain + lambda I)^-1 Y`` with both Grams centered on the training mean."""
+    k_train = gram[..., train[:, None], train[None, :]]
+    k_test = gram[..., test[:, None], train[None, :]]
+    train_means = k_train.mean(-1)  # <x_i, mu_train> for training rows
+    grand = train_means.mean(-1, keepdim=True)
+    k_train = k_train - train_means[..., :, None] - train_means[..., None, :] + grand[..., None]
+    k_test = k_test - k_test.mean(-1, keepdim=True) - train_means[..., None, :] + grand[..., None]
+    y = targets[train]
+    y_mean = y.mean(0)
+    n = train.numel()
+    scale = torch.diagonal(k_train, 0, -2, -1).mean(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    system = k_train + (ridge * scale)[..., None, None] * torch.eye(n, dtype=gram.dtype, device=gram.device)
+    coefficients = torch.linalg.solve(system, (y - y_mean).expand(*system.shape[:-1], y.shape[-1]))
+    return y_mean + k_test @ coefficients
+
+
+@torch.no_grad()
+def probe_accuracy(
+    pooled: Tensor, labels: Any, *, folds: int = PROBE_FOLDS, ridge: float = PROBE_RIDGE, seed: int = 0
+) -> Tensor:
+    """Cross-validated accuracy of a linear (ridge) classifier of the labels on each layer's embeddings (SPEC §7).
+
+    ``Z = normalize(pooled)`` (label-free, so it leaks nothing between folds). For each of ``folds`` stratified
+    folds (:func:`label_folds`, fixed by ``seed``) a ridge regression with intercept onto one-hot targets is
+    fitted on the other folds in closed form, in the dual ``M x M`` form (cost independent of ``D``), with
+    ``lambda = ridge * mean diagonal`` of the centered training Gram; a prompt is predicted as the class with the
+    highest score. The result is the fraction of prompts predicted correctly, each tested once.
+
+    Args:
+        pooled: ``[..., M, D]`` mean-pooled clean embeddings.
+        labels: ``M`` class labels (see :func:`check_labels`).
+        folds: number of folds; every class needs at least this many prompts.
+        ridge: relative ridge strength.
+        seed: fixes the folds.
+
+    Returns:
+        ``[...]`` accuracies in ``[0, 1]`` (chance is about ``1 / classes`` for balanced classes); NaN for layers
+        with non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import probe_accuracy
+        >>> g = torch.Generator().manual_seed(0)
+        >>> labels = torch.arange(40) % 2
+        >>> signal = torch.randn(40, 8, generator=g); signal[:, 0] += 6 * (2 * labels - 1)
+        >>> noise = torch.randn(40, 8, generator=g)
+        >>> probe_accuracy(torch.stack([signal, noise]), labels)[0]
+        tensor(1.)
+    """
+    _check_sets(pooled, "pooled")
+    if int(folds) != folds or folds < 2:
+        raise ValueError(f"`folds` must be an integer >= 2, got {folds}")
+    if not float(ridge) > 0:
+        raise ValueError(f"`ridge` must be positive, got {ridge}")
+    classes = check_labels(labels, pooled.shape[-2], folds=int(folds)).to(pooled.device)
+    fold = label_folds(classes, folds=int(folds), seed=seed).to(pooled.device)
+    z, bad = _center_unit(pooled, None)
+    z = torch.where(bad[..., None, None], 0.0, z)
+    gram = z @ z.mT
+    targets = torch.nn.functional.one_hot(classes).to(torch.float64)
+    correct = torch.zeros(gram.shape[:-1], dtype=torch.float64, device=gram.device)
+    for k in range(int(folds)):
+        train, test = (fold != k).nonzero().squeeze(-1), (fold == k).nonzero().squeeze(-1)
+        predicted = _ridge_fold_scores(gram, targets, train, test, float(ridge)).argmax(-1)
+        correct[..., test] = (predicted == classes[test]).to(torch.float64)
+    return torch.where(bad, math.nan, correct.mean(-1)).to(_result_dtype(pooled))
+
+
+def best_layer(accuracy: Tensor) -> int | None:
+    """Index of the highest finite value of the per-layer ``accuracy[L]``, the earliest on ties; None if none.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import best_layer
+        >>> best_layer(torch.tensor([0.5, 0.9, float("nan"), 0.9]))
+        1
+    """
+    values = torch.as_tensor(accuracy, dtype=torch.float64).reshape(-1)
+    finite = torch.isfinite(values)
+    if not bool(finite.any()):
+        return None
+    return int(torch.where(finite, values, -math.inf).argmax())  # argmax returns the first maximum
+
+
+@torch.no_grad()
+def linear_cka(x: Tensor, y: Tensor) -> Tensor:
+    """Linear centered kernel alignment between two sets of embeddings of the same prompts (SPEC §7).
+
+    ``K = X̃ X̃ᵀ``, ``L = Ỹ Ỹᵀ`` (``M x M`` Grams of the mean-centered rows; dual form),
+    ``CKA = <K, L>_F / (||K||_F ||L||_F)``. It is 1 when ``y`` is an orthogonal transform and isotropic scaling
+    of ``x`` (nothing moved up to rotation and scale) and 0 for unrelated sets with many samples; for
+    independent isotropic Gaussian sets of ``M`` rows and ``D`` features its expectation is about ``D / (M + D)``
+    (close to 1 when ``D >> M``: compare values across layers and steps, not with 0).
+
+    Args:
+        x: ``[..., M, D1]``.
+        y: ``[..., M, D2]`` (same M; D may differ).
+
+    Returns:
+        ``[...]`` in ``[0, 1]``; NaN where a set is constant or holds non-finite values.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import linear_cka
+        >>> x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+        >>> rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+        >>> round(float(linear_cka(x, 3.0 * x @ rotation)), 6)
+        1.0
+    """
+    _check_sets(x, "x")
+    _check_sets(y, "y")
+    if x.shape[-2] != y.shape[-2]:
+        raise ValueError(f"`x` and `y` must hold the same prompts (same M), got {tuple(x.shape)} and {tuple(y.shape)}")
+    grams = []
+    for rows in (x, y):
+        centered = rows.to(torch.float64, copy=True)
+        centered -= centered.mean(-2, keepdim=True)
+        grams.append(centered @ centered.mT)
+    k, l = grams
+    result = (k * l).sum((-2, -1)) / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l))
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    return torch.where(torch.isfinite(result), result, math.nan).to(dtype)
+
+
+def _token_norms(hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Token norms ``[..., B, T]`` (float64, NaN at invalid slots), each prompt's median norm ``[..., B]``
+    (mean of the two middle values for an even count) and a bad-prompt flag (no valid token, or a non-finite one)."""
+    hidden, mask = _check_tokens(hidden, mask)
+    norms = torch.linalg.vector_norm(hidden.to(torch.float64), dim=-1)
+    valid = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask
+    count = valid.sum(-1)
+    bad = (count == 0) | (valid & ~torch.isfinite(norms)).any(-1)
+    norms = torch.where(valid & ~bad[..., None], norms, math.nan)
+    ordered = torch.sort(norms, dim=-1).values  # NaN (invalid slots) sort last
+    low = ((count - 1).clamp_min(0) // 2).unsqueeze(-1)
+    high = (count // 2).clamp_max(norms.shape[-1] - 1).unsqueeze(-1)
+    median = 0.5 * (ordered.gather(-1, low) + ordered.gather(-1, high)).squeeze(-1)
+    return norms, median, bad
+
+
+@torch.no_grad()
+def massive_activation(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Largest token norm over the median token norm of each prompt (SPEC §7).
+
+    About 1 to 3 for ordinary layers; far above :data:`SINK_NORM_RATIO` where one token (often the first)
+    carries a massive activation, the signature of an attention sink.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask.
+
+    Returns:
+        ``[..., B]``; NaN for prompts without valid tokens, with non-finite values or a zero median norm.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import massive_activation
+        >>> tokens = torch.tensor([[[300.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]])
+        >>> massive_activation(tokens)  # 300 / median(300, 1, 1, 2) = 300 / 1.5
+        tensor([200.])
+    """
+    norms, median, bad = _token_norms(hidden, mask)
+    ratio = torch.where(torch.isnan(norms), -math.inf, norms).amax(-1) / median
+    return torch.where(bad | ~torch.isfinite(ratio), math.nan, ratio).to(_result_dtype(hidden))
+
+
+def sink_tokens(hidden: Tensor, mask: Tensor | None = None, *, ratio: float = SINK_NORM_RATIO) -> Tensor:
+    """``[..., B, T]`` bool: valid tokens whose norm exceeds ``ratio`` times their prompt's median token norm.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import sink_tokens
+        >>> sink_tokens(torch.tensor([[[300.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]]))
+        tensor([[ True, False, False, False]])
+    """
+    if not float(ratio) > 1:
+        raise ValueError(f"`ratio` must be a multiple of the median norm above 1, got {ratio}")
+    norms, median, _ = _token_norms(hidden, mask)
+    return norms > float(ratio) * median[..., None]  # NaN compares False
+
+
+@torch.no_grad()
+def prompt_entropy_without_sinks(
+    hidden: Tensor,
+    mask: Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    normalized: bool = True,
+    ratio: float = SINK_NORM_RATIO,
+    entropy: Tensor | None = None,
+) -> Tensor:
+    """:func:`prompt_entropy` of each prompt with its sink tokens (:func:`sink_tokens`) left out (SPEC §7).
+
+    Equal to ``prompt_entropy`` for prompts without a sink token. With ``normalized``, the divisor is
+    ``ln(min(N', D))`` with ``N'`` the tokens kept.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask.
+        alpha, normalized: as in :func:`prompt_entropy`.
+        ratio: the sink threshold, a multiple of the prompt's median token norm.
+        entropy: ``prompt_entropy(hidden, mask, alpha=alpha, normalized=normalized)`` if already computed:
+            then only prompts holding a sink are recomputed.
+
+    Returns:
+        ``[..., B]``.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import prompt_entropy, prompt_entropy_without_sinks
+        >>> tokens = torch.tensor([[[900.0, 900.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0],
+        ...                         [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]]])
+        >>> float(prompt_entropy(tokens)) < 1e-3  # the sink dominates the mean: all others look alike
+        True
+        >>> prompt_entropy_without_sinks(tokens)  # two orthogonal directions, ln 2 / ln 3
+        tensor([0.6309])
+    """
+    alpha = _check_alpha(alpha)
+    hidden, bool_mask = _check_tokens(hidden, mask)
+    sinks = sink_tokens(hidden, bool_mask, ratio=ratio)
+    keep = ~sinks if bool_mask is None else bool_mask & ~sinks
+    if entropy is None:
+        return prompt_entropy(hidden, keep, alpha=alpha, normalized=normalized)
+    if entropy.shape != hidden.shape[:-2]:
+        raise ValueError(f"`entropy` must have shape {tuple(hidden.shape[:-2])} (one value per prompt), got {tuple(entropy.shape)}")
+    result = entropy.clone()
+    rows = sinks.any(-1).reshape(-1).nonzero().squeeze(-1)
+    if rows.numel():
+        flat = hidden.reshape(-1, *hidden.shape[-2:])
+        values = prompt_entropy(flat[rows], keep.reshape(-1, keep.shape[-1])[rows], alpha=alpha, normalized=normalized)
+        result.view(-1)[rows] = values.to(result.dtype)
+    return result
