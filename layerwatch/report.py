@@ -23,8 +23,9 @@ import datetime
 import html
 import logging
 import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -439,15 +440,38 @@ def make_report(
     image_dir = out_dir / IMAGE_DIR
     images: dict[str, Path] = {}
     for metric in names:
-        images[f"heatmap_{metric}"] = plot_heatmap(run, metric, image_dir / f"heatmap_{metric}.png", dpi=dpi)
-    images["depth_profiles"] = plot_depth_profiles(run, names, image_dir / "depth_profiles.png", dpi=dpi)
-    images["trajectories"] = plot_trajectories(run, names, image_dir / "trajectories.png", dpi=dpi)
-    histograms = plot_prompt_entropy_histograms(run, image_dir / "prompt_entropy_histograms.png", dpi=dpi)
+        key = f"heatmap_{metric}"
+        images[key] = plot_heatmap(run, metric, image_path(image_dir, key, images.values()), dpi=dpi)
+    images["depth_profiles"] = plot_depth_profiles(run, names, image_path(image_dir, "depth_profiles"), dpi=dpi)
+    images["trajectories"] = plot_trajectories(run, names, image_path(image_dir, "trajectories"), dpi=dpi)
+    histograms = plot_prompt_entropy_histograms(run, image_path(image_dir, "prompt_entropy_histograms"), dpi=dpi)
     if histograms is not None:
         images["prompt_entropy_histograms"] = histograms
     page = out_dir / HTML_NAME
     page.write_text(render_html(run, run_dir, images, names), encoding="utf-8")
     return Report(html=page, images=images)
+
+
+_UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def image_path(image_dir: Path, key: str, taken: Iterable[Path] = ()) -> Path:
+    """The PNG path of picture ``key`` inside ``image_dir``.
+
+    Metric names come from the run's data, so they never choose a path: the file name is ``key`` reduced to
+    letters, digits, ``_`` and ``-`` (a suffix keeps two names apart), and the resolved path must lie inside
+    ``image_dir`` (ReportError otherwise).
+    """
+    slug = _UNSAFE_NAME_CHARACTERS.sub("_", key).strip("_")[:100] or "metric"
+    taken_names = {p.name for p in taken}
+    path, count = image_dir / f"{slug}.png", 1
+    while path.name in taken_names:
+        count += 1
+        path = image_dir / f"{slug}_{count}.png"
+    inside = path.resolve().is_relative_to(image_dir.resolve())  # resolve() follows links planted in the folder
+    if not inside or not image_dir.resolve().is_relative_to(image_dir.parent.resolve()):
+        raise ReportError(f"refusing to write {path}: it resolves outside the report folder {image_dir}")
+    return path
 
 
 def _read(run_dir: Path) -> "Run":

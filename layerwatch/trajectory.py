@@ -95,18 +95,44 @@ def _matches(folder: Path, patterns: Sequence[str]) -> list[Path]:
     return found
 
 
+def index_points_at_pickle(index: Path) -> bool:
+    """Whether a shard index (``*.index.json``) may make transformers unpickle something.
+
+    True when its ``weight_map`` names a shard that is not a ``.safetensors`` file inside the index's folder, or
+    when the index cannot be read (an unreadable index is not trusted). transformers loads the shards an index
+    names whatever the index itself is called, so ``model.safetensors.index.json`` can point at ``.bin`` pickles.
+    """
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        shards = {str(name) for name in weight_map.values()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return True
+    folder = index.parent.resolve()
+    return not shards or any(
+        not name.endswith(".safetensors") or (folder / name).resolve().parent != folder for name in shards
+    )
+
+
 def safe_weight_files(folder: str | Path) -> list[Path]:
-    """The safetensors model weight files in ``folder`` (empty when there are none)."""
-    return _matches(Path(folder), SAFE_WEIGHT_PATTERNS)
+    """The safetensors model weight files in ``folder`` (empty when there are none); a shard index counts only
+    when every shard it names is a safetensors file next to it."""
+    return [
+        p for p in _matches(Path(folder), SAFE_WEIGHT_PATTERNS)
+        if not p.name.endswith(".index.json") or not index_points_at_pickle(p)
+    ]
 
 
 def pickle_weight_files(folder: str | Path) -> list[Path]:
-    """The pickle-based model weight files (``pytorch_model.bin`` and friends) in ``folder``.
+    """The pickle-based model weight files (``pytorch_model.bin`` and friends) in ``folder``, and any shard index
+    (even one named ``model.safetensors.index.json``) that names a pickle shard.
 
     A Trainer checkpoint's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` and ``training_args.bin`` are
     pickles too, but they are not model weights and are never loaded, so they are not listed.
     """
-    return [p for p in _matches(Path(folder), PICKLE_WEIGHT_PATTERNS) if p.name not in _TRAINER_STATE_FILES]
+    folder = Path(folder)
+    pickled = [p for p in _matches(folder, PICKLE_WEIGHT_PATTERNS) if p.name not in _TRAINER_STATE_FILES]
+    pickled += [p for p in _matches(folder, ("*.safetensors.index.json",)) if index_points_at_pickle(p)]
+    return pickled
 
 
 def _looks_like_checkpoint(folder: Path) -> bool:
@@ -208,9 +234,17 @@ def check_weights(checkpoint: Checkpoint, *, allow_pickle: bool = False) -> None
     Raises:
         TrajectoryError: no model weights at all, or only pickle-based weights and ``allow_pickle`` is False.
     """
+    pickled = pickle_weight_files(checkpoint.path)
+    indexes = [p.name for p in pickled if p.name.endswith(".safetensors.index.json")]
+    if indexes and not allow_pickle:  # transformers would follow the index to the pickles, safetensors or not
+        raise TrajectoryError(
+            f"{checkpoint.path}: {', '.join(indexes)} names shards that are not safetensors files in that folder "
+            f"(or cannot be read). transformers would load them, and loading a pickle can run arbitrary code, so "
+            f"it is refused. Convert the checkpoint to safetensors (model.save_pretrained(folder)), or pass "
+            f"--allow-pickle if you trust where it came from."
+        )
     if safe_weight_files(checkpoint.path):
         return
-    pickled = pickle_weight_files(checkpoint.path)
     if pickled:
         if allow_pickle:
             return
@@ -274,8 +308,8 @@ def load_checkpoint(
     import transformers
 
     torch_dtype = _torch_dtype(dtype)
-    use_safetensors = bool(safe_weight_files(checkpoint.path))
-    kwargs: dict[str, Any] = {"use_safetensors": use_safetensors}
+    # Refused pickles never reach here; with allow_pickle, transformers picks whichever weights it finds.
+    kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message matters

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from layerwatch import report  # noqa: E402
+from layerwatch.runs import read_run  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = [0, 1, 2, 4, 8, 16, 100, 200, 300]
@@ -170,3 +171,32 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert run_cli(run_dir) == 2
     assert "pip install layerwatch[report]" in capsys.readouterr().err
+
+
+def test_metric_names_from_the_data_never_choose_a_path(tmp_path, capsys):
+    """A metric named with ``../`` (or an absolute path) in the JSONL is drawn under a sanitized file name inside
+    ``report/``; nothing is written outside the output folder."""
+    run_dir = write_run(tmp_path / "nest" / "run")
+    records = [json.loads(line) for line in (run_dir / "layerwatch.jsonl").read_text().splitlines()]
+    evil = ["../../../escaped", "/tmp/absolute_escape", "..", "heatmap_rms"]
+    for record in records:
+        for k, name in enumerate(evil):
+            record["metrics"][name] = [float(k + layer) for layer in range(LAYERS)]
+    (run_dir / "layerwatch.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    before = {p for p in tmp_path.rglob("*")}
+    assert run_cli(run_dir) == 0
+    written = {p for p in tmp_path.rglob("*")} - before
+    image_dir = (run_dir / "report").resolve()
+    assert all(p.resolve().is_relative_to(run_dir.resolve()) for p in written), written
+    pngs = {p.name for p in written if p.suffix == ".png"}
+    assert {"heatmap__escaped.png", "heatmap__tmp_absolute_escape.png", "heatmap.png"} <= pngs
+    heatmaps = [p for p in pngs if p.startswith("heatmap")]
+    assert len(heatmaps) == len(report.ordered_metrics(read_run(run_dir)))  # one file each, no name reused
+    assert not (tmp_path / "escaped.png").exists() and not list(tmp_path.glob("*.png"))
+    assert all(p.parent.resolve() == image_dir for p in written if p.suffix == ".png")
+    # A link planted inside report/ that points outside is refused, not followed.
+    outside = tmp_path / "outside.png"
+    (run_dir / "report" / "depth_profiles.png").unlink()
+    (run_dir / "report" / "depth_profiles.png").symlink_to(outside)
+    assert run_cli(run_dir) == 2
+    assert "outside the report folder" in capsys.readouterr().err and not outside.exists()

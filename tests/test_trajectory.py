@@ -240,6 +240,42 @@ def test_pickle_weights_refused_unless_allowed(trained, tmp_path, capsys):
     assert read_run(out).steps.tolist() == [3]
 
 
+def test_safetensors_index_naming_pickle_shards_is_refused(trained, tmp_path, capsys):
+    """A model.safetensors.index.json whose weight_map names .bin shards makes transformers unpickle them: refused
+    without --allow-pickle, like any pickle; an index of safetensors shards is still accepted."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(trained["out"] / "checkpoint-2" / "model.safetensors"))
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    shutil.copy(trained["out"] / "checkpoint-2" / "config.json", folder / "config.json")
+    torch.save(state, folder / "shard-00001.bin")
+    index = {"metadata": {}, "weight_map": {name: "shard-00001.bin" for name in state}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "run"
+    assert cli(folder, "--probe", trained["probe"], "--out", out, "--metrics", "light") == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors.index.json" in err and "--allow-pickle" in err and "Traceback" not in err
+    assert not (out / "layerwatch.jsonl").exists()
+    # An index escaping its folder, or one that does not parse, is not trusted either.
+    for weight_map in ({name: "../elsewhere.safetensors" for name in state}, None):
+        (folder / "model.safetensors.index.json").write_text("{" if weight_map is None else json.dumps({"weight_map": weight_map}))
+        assert cli(folder, "--probe", trained["probe"], "--out", out, "--metrics", "light") == 2
+        assert "--allow-pickle" in capsys.readouterr().err
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert cli(folder, "--probe", trained["probe"], "--out", out, "--metrics", "light", "--allow-pickle") == 0
+    assert read_run(out).steps.tolist() == [5]
+
+    safe = tmp_path / "checkpoint-7"
+    safe.mkdir()
+    shutil.copy(trained["out"] / "checkpoint-2" / "config.json", safe / "config.json")
+    save_file(state, str(safe / "model-00001-of-00001.safetensors"))
+    index["weight_map"] = {name: "model-00001-of-00001.safetensors" for name in state}
+    (safe / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert trajectory.pickle_weight_files(safe) == []
+    assert cli(safe, "--probe", trained["probe"], "--out", tmp_path / "run2", "--metrics", "light") == 0
+
+
 def test_trajectory_reproduces_the_training_time_values(trained, tmp_path):
     """Post-hoc probing of checkpoint-k gives exactly what the Trainer callback logged at step k (same probe,
     same weights, same monitor), and without --probe the training run's probe is found and used."""
