@@ -264,8 +264,16 @@ class LayerWatch:
         return self.schedule.is_due(step)
 
     def step(self, model: nn.Module, step: int) -> ProbeRecord | None:
-        """Call once per optimizer step (on every rank); probes when the schedule says so."""
+        """Call once per optimizer step (on every rank); probes when the schedule says so.
+
+        ``step`` must be the optimizer step count of the whole run, increasing by one per call (e.g.
+        ``trainer.state.global_step``, or a counter you increment after each ``optimizer.step()``), never an epoch
+        number or a batch index that restarts each epoch. A step at or before one already seen is never probed,
+        and the first such call logs a warning.
+        """
         now = time.perf_counter()
+        if self._last_call is not None and step <= self._last_call[0]:
+            self._warn_step_not_increasing(step, self._last_call[0])
         if self._last_call is not None and step > self._last_call[0]:
             per_step = (now - self._last_call[1]) / (step - self._last_call[0])
             self._seconds_per_step = per_step if self._seconds_per_step is None else 0.7 * self._seconds_per_step + 0.3 * per_step
@@ -275,6 +283,17 @@ class LayerWatch:
         record = self.run(model, step)
         self._last_call = (step, time.perf_counter())  # probe time is not training time
         return record
+
+    def _warn_step_not_increasing(self, step: int, previous: int) -> None:
+        if "step_not_increasing" in self._warned_kinds:
+            return
+        self._warned_kinds.add("step_not_increasing")
+        logger.warning(
+            "layerwatch: step() got step %d after step %d; steps must increase: pass the run's optimizer step count "
+            "(e.g. trainer.state.global_step), not an epoch or a per-epoch batch index, and call step() once per "
+            "optimizer step. Steps at or before one already seen are never probed (this warning is shown once)",
+            step, previous,
+        )
 
     # ---------------------------------------------------------------------------------------------- probe
     def run(self, model: nn.Module, step: int) -> ProbeRecord | None:
@@ -336,11 +355,12 @@ class LayerWatch:
                 "build the probe with this model's tokenizer (or Probe.from_tensors(..., vocab_size=...))"
             )
         limit = max_positions(model)
-        longest = self.probe.max_length()
+        longest = max(int(mask.sum(dim=1).max()) for _, _, mask in self._passes())  # only what this preset feeds
         if limit is not None and longest > limit:
             raise ValueError(
                 f"the probe has prompts (or augmented views) of {longest} tokens but the model takes at most "
-                f"{limit} positions; build the probe with a smaller max_length"
+                f"{limit} positions; build the probe with a smaller max_length (or use metrics='light', which "
+                "feeds no augmented views)"
             )
         self._validated.add(model)
 

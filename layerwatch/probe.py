@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -866,7 +866,9 @@ class Probe:
             for name, tensor in self._named_tensors().items()
         }
         payload = safetensors_save(tensors, metadata=metadata)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # Created like the run's other files (0666 less the umask), not 0600 as tempfile.mkstemp would.
+        tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(payload)
@@ -945,9 +947,9 @@ class Probe:
                 special_token_ids=json.loads(metadata["special_token_ids"]),
                 edit_fraction=float(augmentation.get("edit_fraction", DEFAULT_EDIT_FRACTION)),
             )
-            stored_hash = metadata["content_hash"]
-        except (KeyError, ValueError, TypeError) as exc:
-            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            stored_hash = str(metadata["content_hash"])
+        except Exception as exc:  # noqa: BLE001 - whatever a crafted header or tensor triggers, it is a bad file
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
             raise ValueError(f"{path} is a damaged layerwatch probe: {detail}") from exc
         if probe.content_hash != stored_hash:
             raise ValueError(

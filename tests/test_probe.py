@@ -468,3 +468,61 @@ def test_load_detects_tampering_and_newer_formats(tmp_path):
     missing_view = _rewrite(path, tmp_path / "partial.safetensors", drop=("view_1_input_ids",))
     with pytest.raises(ValueError, match="partial.safetensors is a damaged layerwatch probe"):
         Probe.load(missing_view)
+
+
+@pytest.mark.parametrize(
+    "metadata_update, tensors_update",
+    [
+        ({"augmentation": "[1, 2]"}, None),  # a JSON list where an object belongs (was an AttributeError)
+        ({"augmentation": '{"edit_fraction": "lots"}'}, None),
+        ({"augmentation": "[" * 100_000}, None),  # nesting deep enough to exhaust the JSON parser
+        ({"special_token_ids": '{"a": 1}'}, None),
+        ({"special_token_ids": "not json"}, None),
+        ({"vocab_size": "-3"}, None),
+        ({"num_views": "two"}, None),
+        ({"num_views": "5"}, None),
+        ({"pad_token_id": "1e9"}, None),
+        ({"content_hash": ""}, None),
+        (None, {"input_ids": torch.zeros(2, 3, 4, dtype=torch.int64)}),
+        (None, {"input_ids": torch.zeros(3, 5, dtype=torch.float32)}),
+        (None, {"attention_mask": torch.ones(1, 1, dtype=torch.int64)}),
+        (None, {"view_0_input_ids": torch.zeros(0, 4, dtype=torch.int64)}),
+    ],
+)
+def test_crafted_probe_files_are_refused_with_value_error(tmp_path, metadata_update, tensors_update):
+    path = _tensor_probe(views=2).save(tmp_path / "probe.safetensors")
+    crafted = _rewrite(path, tmp_path / "crafted.safetensors", metadata_update=metadata_update,
+                       tensors_update=tensors_update)
+    with pytest.raises(ValueError, match="crafted.safetensors"):
+        Probe.load(crafted)
+
+
+def test_crafted_probe_is_a_clean_cli_error(tmp_path):
+    """Through the command line a damaged probe is one error line and exit code 2, never a traceback."""
+    import subprocess
+    import sys
+
+    path = _tensor_probe(views=2).save(tmp_path / "probe.safetensors")
+    crafted = _rewrite(path, tmp_path / "crafted.safetensors", metadata_update={"augmentation": "[1]"})
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    done = subprocess.run(
+        [sys.executable, "-m", "layerwatch.cli", "trajectory", str(checkpoint), "--probe", str(crafted),
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "damaged layerwatch probe" in done.stderr
+
+
+def test_saved_probe_has_the_mode_of_the_run_s_other_files(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = _tensor_probe(views=0).save(tmp_path / "probe.safetensors")
+        other = tmp_path / "other.txt"
+        other.write_text("x")
+    finally:
+        os.umask(previous)
+    assert (path.stat().st_mode & 0o777) == (other.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
