@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwatch.runs import summary_table
-from layerwatch.sinks import PROBE_FILENAME
+from layerwatch.rundir import PROBE_FILENAME
 
 logger = logging.getLogger(__name__)
 

@@ -41,11 +41,12 @@ from layerwatch.capture import (
     model_device,
 )
 from layerwatch import registry
-from layerwatch.probe import PROBE_FILENAME, Probe
+from layerwatch.probe import Probe
 from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, resolve_metrics
 from layerwatch.record import ProbeRecord
 from layerwatch.schedule import ProbeSchedule
-from layerwatch.sinks import JSONL_NAME, JsonlSink, Sink, TensorBoardSink, read_jsonl_records
+from layerwatch.rundir import open_sinks
+from layerwatch.sinks import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -236,22 +237,14 @@ class LayerWatch:
         return self.schedule.last_step
 
     def _open_sinks(self, extra: list[Sink], tensorboard: bool, jsonl: bool, resume_step: int | None) -> None:
+        for sink in extra:
+            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+                raise TypeError(
+                    f"sinks= holds {sink!r}, which has no write(record) and close() methods; subclass layerwatch.sinks.Sink"
+                )
         self._sinks = extra
-        if self.logdir is None:
-            return
-        try:
-            self.logdir.mkdir(parents=True, exist_ok=True)
-            self.probe.save(self.logdir / PROBE_FILENAME)  # the run's probe, for trajectory and resume
-        except OSError as error:
-            raise ValueError(f"logdir={str(self.logdir)!r} is not writable ({error}); pass a directory you can write to") from error
-        history = [r for r in read_jsonl_records(self.logdir / JSONL_NAME) if resume_step is None or r.step <= resume_step]
-        if history and resume_step is None:
-            logger.info("%s already holds %d probe records; new records are appended", self.logdir, len(history))
-        if jsonl:
-            self._sinks.append(JsonlSink(self.logdir / JSONL_NAME, resume_step=resume_step))
-        if tensorboard:
-            purge = resume_step + 1 if resume_step is not None else None
-            self._sinks.append(TensorBoardSink(self.logdir, purge_step=purge, history=history))
+        if self.logdir is not None:
+            self._sinks += open_sinks(self.logdir, self.probe, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step)
 
     def add_sink(self, sink: Sink) -> None:
         """Send future records to ``sink`` too (main process only)."""

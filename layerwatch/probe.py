@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from layerwatch.augment import DEFAULT_EDIT_FRACTION, DEFAULT_OPERATIONS, augment_batch, right_align, view_generator
-from layerwatch.sinks import PROBE_FILENAME  # re-exported: the probe's file name in a run directory
+from layerwatch.rundir import PROBE_FILENAME  # re-exported: the probe's file name in a run directory
 
 __all__ = ["MIN_PROMPT_LENGTH", "PROBE_FILENAME", "PROBE_FORMAT", "PROBE_FORMAT_VERSION", "Probe"]
 

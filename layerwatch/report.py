@@ -330,21 +330,11 @@ nav a { margin-right: 1em; }
 """
 
 
-def _field(record: Any, name: str, default: Any) -> Any:
-    # Records are ProbeRecord objects (read_run) or plain dicts.
-    if isinstance(record, dict):
-        return record.get(name, default)
-    return getattr(record, name, default)
-
-
 def render_html(run: "Run", run_dir: Path, images: dict[str, Path], metrics: Sequence[str]) -> str:
     """The report page: run facts, alerts, every picture inline, and one table of numbers per metric."""
     steps = [int(s) for s in run.steps]
-    records = list(getattr(run, "records", []) or [])
-    settings = _field(records[-1], "settings", {}) if records else {}
-    alerts: list[str] = []
-    for record in records:
-        alerts.extend(f"step {_field(record, 'step', '?')}: {a}" for a in _field(record, "alerts", []) or [])
+    settings = run.records[-1].settings if run.records else {}
+    alerts = [f"step {record.step}: {alert}" for record in run.records for alert in record.alerts]
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",

@@ -13,7 +13,8 @@ import numpy as np
 
 from layerwatch import registry
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord
-from layerwatch.sinks import JSONL_NAME, read_jsonl_records
+from layerwatch.rundir import JSONL_NAME
+from layerwatch.sinks import read_jsonl_records
 
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 

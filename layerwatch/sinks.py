@@ -1,18 +1,22 @@
-"""Where probe records go. A sink has two methods, ``write(record)`` and ``close()``; each backend is small.
+"""Where probe records go: the :class:`Sink` base class and its two backends.
+
+A sink has ``write(record)``, ``write_errors(step, total_errors)`` (a no-op unless overridden) and ``close()``.
 
 - :class:`JsonlSink`: ``layerwatch.jsonl``, one record per line, appended and flushed per probe (the source of truth
   that :func:`layerwatch.read_run` reads).
-- :class:`TensorBoardSink`: per-layer scalars, a custom-scalars layout with one chart per metric, histograms of
-  per-prompt values, a layer x step heatmap and a depth-profile image per metric, and alerts as text.
+- :class:`TensorBoardSink`: per-layer scalars, a custom-scalars layout with one chart per metric, histograms of the
+  per-prompt values the registry keeps (``histogram=True``), a layer x step heatmap (grown one column per probe)
+  and a depth-profile image per metric, alerts as text, and the running count of failed probes.
+
+Which sinks a run directory gets, the file names and the one-writer rule live in :mod:`layerwatch.rundir`.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
-import threading
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -21,18 +25,22 @@ from layerwatch.record import SCALAR_PREFIX, ProbeRecord, scalar_tag
 
 logger = logging.getLogger(__name__)
 
-# The files of a run directory.
-JSONL_NAME = "layerwatch.jsonl"
-PROBE_FILENAME = "probe.safetensors"
 
+class Sink:
+    """Receives every probe record on the main process. Subclass it and override :meth:`write`.
 
-@runtime_checkable
-class Sink(Protocol):
-    """Receives every probe record on the main process."""
+    ``LayerWatch(sinks=[...])`` also takes any object with ``write(record)`` and ``close()`` methods.
+    """
 
-    def write(self, record: ProbeRecord) -> None: ...
+    def write(self, record: ProbeRecord) -> None:
+        """Store or forward one probe record."""
+        raise NotImplementedError(f"{type(self).__name__} must implement write(record)")
 
-    def close(self) -> None: ...
+    def write_errors(self, step: int, total_errors: int) -> None:
+        """The running count of failed probes after a failure at ``step`` (ignored unless overridden)."""
+
+    def close(self) -> None:
+        """Flush and release what the sink holds (safe to call twice)."""
 
 
 def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
@@ -52,7 +60,7 @@ def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
     return records
 
 
-class JsonlSink:
+class JsonlSink(Sink):
     """Appends one JSON object per probe to ``path`` and flushes it to disk.
 
     Args:
@@ -94,13 +102,45 @@ class JsonlSink:
             self._handle.close()
 
 
-# One live TensorBoard writer per directory in this process: two writers in one directory interleave two event
-# files that TensorBoard merges into one confusing series.
-_LIVE_WRITER_DIRS: set[str] = set()
-_LIVE_WRITER_LOCK = threading.Lock()
+class HeatmapHistory:
+    """Per metric, the ``[layers, steps]`` values of every probe so far, grown by one column per probe.
+
+    A step seen again replaces its column (a resumed run that was not purged); an earlier step is inserted in order.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self._values: dict[str, np.ndarray] = {}  # [layers, capacity], NaN-filled beyond the columns in use
+        self._layers = 0
+
+    def add(self, record: ProbeRecord) -> None:
+        if len(record.layers) != self._layers:  # (never within one run) start over with the new depth
+            self.steps, self._values, self._layers = [], {}, len(record.layers)
+        column = bisect.bisect_left(self.steps, record.step)
+        if column == len(self.steps) or self.steps[column] != record.step:
+            self.steps.insert(column, record.step)
+            for name in self._values:
+                self._make_room(name, column)
+        for name, values in self._values.items():
+            values[:, column] = np.nan
+        for name, per_layer in record.metrics.items():
+            if name not in self._values:
+                self._values[name] = np.full((self._layers, max(8, len(self.steps))), np.nan)
+            self._values[name][:, column] = per_layer
+
+    def _make_room(self, name: str, column: int) -> None:
+        values, used = self._values[name], len(self.steps) - 1
+        if used == values.shape[1]:
+            values = np.concatenate([values, np.full_like(values, np.nan)], axis=1)
+            self._values[name] = values
+        values[:, column + 1 : used + 1] = values[:, column:used].copy()
+
+    def matrix(self, name: str) -> np.ndarray:
+        """``[layers, steps]`` values of ``name`` (NaN where a probe did not record it)."""
+        return self._values[name][:, : len(self.steps)]
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Writes probe records as TensorBoard events in ``logdir``.
 
     Args:
@@ -116,25 +156,11 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = Path(logdir)
-        key = str(self.logdir.resolve())
-        with _LIVE_WRITER_LOCK:
-            if key in _LIVE_WRITER_DIRS:
-                raise ValueError(
-                    f"logdir={str(logdir)!r} already has a live layerwatch TensorBoard writer in this process; "
-                    "close() the other LayerWatch first or give this one another logdir"
-                )
-            _LIVE_WRITER_DIRS.add(key)
-        self._key = key
         self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
-        self._history: dict[int, dict[str, list[float]]] = {}
-        self._layers: list[int] | None = None
+        self._history = HeatmapHistory()
         self._layout_written = False
         for record in history or []:
-            self._remember(record)
-
-    def _remember(self, record: ProbeRecord) -> None:
-        self._history[record.step] = record.metrics
-        self._layers = record.layers
+            self._history.add(record)
 
     def _write_layout(self, record: ProbeRecord) -> None:
         charts = {
@@ -147,21 +173,18 @@ class TensorBoardSink:
         writer = self._writer
         if not self._layout_written:
             self._write_layout(record)
-        self._remember(record)
+        self._history.add(record)
         for tag, value in record.flat_scalars().items():
             writer.add_scalar(tag, value, record.step)
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
-        for name in registry.histogram_metrics():
+        for name in registry.histogram_metrics():  # the per-prompt values the record keeps
             for layer, values in zip(record.layers, record.per_prompt.get(name, [])):
                 finite = np.asarray(values, dtype=np.float64)
                 finite = finite[np.isfinite(finite)]
                 if finite.size:
                     writer.add_histogram(f"{SCALAR_PREFIX}/{name}_per_prompt/layer_{layer:02d}", finite, record.step)
-        steps = sorted(self._history)
         for name, values in record.metrics.items():
-            matrix = np.array(
-                [self._history[s].get(name, [np.nan] * len(record.layers)) for s in steps], dtype=np.float64
-            ).T
+            matrix = self._history.matrix(name)
             writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", images.heatmap(matrix), record.step, dataformats="HWC")
             writer.add_image(
                 f"{SCALAR_PREFIX}/depth_profile/{name}", images.depth_profile(np.asarray(values)), record.step,
@@ -180,5 +203,3 @@ class TensorBoardSink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-            with _LIVE_WRITER_LOCK:
-                _LIVE_WRITER_DIRS.discard(self._key)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from layerwatch.runs import Run
 
 from layerwatch.runs import summary_table  # noqa: F401  (part of this module's API: the CLI's closing table)
-from layerwatch.sinks import JSONL_NAME, PROBE_FILENAME
+from layerwatch.rundir import JSONL_NAME, PROBE_FILENAME
 
 logger = logging.getLogger(__name__)
 

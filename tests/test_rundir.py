@@ -1,0 +1,78 @@
+"""Run directory and sinks: the file names, the one-writer rule, the Sink base class and the heatmap history."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import layerwatch
+from layerwatch.monitor import LayerWatch
+from layerwatch.record import ProbeRecord
+from layerwatch.rundir import JSONL_NAME, PROBE_FILENAME, WriterClaim, open_sinks
+from layerwatch.sinks import HeatmapHistory, JsonlSink, Sink, TensorBoardSink
+from models import TINY_VOCAB
+
+
+def _probe():
+    ids = torch.randint(1, TINY_VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))
+    return layerwatch.Probe.from_tensors(ids, vocab_size=TINY_VOCAB, views=0)
+
+
+def _record(step, metrics, layers=3):
+    return ProbeRecord(step=step, time=0.0, wall_time_s=0.0, layers=list(range(layers)), metrics=metrics)
+
+
+def test_heatmap_history_equals_a_rebuild_from_all_records():
+    """Grown column by column (with repeats, earlier steps and metrics that come and go) = rebuilt from scratch."""
+    rng = random.Random(0)
+    history, seen = HeatmapHistory(), {}
+    for _ in range(60):
+        step = rng.choice([rng.randrange(0, 200), max(seen, default=0) + rng.randrange(1, 5)])
+        names = [n for n in ("a", "b", "c") if rng.random() < 0.7]
+        metrics = {n: [rng.random() for _ in range(3)] for n in names}
+        history.add(_record(step, metrics))
+        seen[step] = metrics  # a step seen again: the later record wins
+        steps = sorted(seen)
+        assert history.steps == steps
+        for name in {n for m in seen.values() for n in m}:
+            expected = np.array([seen[s].get(name, [np.nan] * 3) for s in steps]).T
+            np.testing.assert_array_equal(history.matrix(name), expected)
+
+
+def test_sink_base_class_defaults():
+    class Counting(Sink):
+        def __init__(self):
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record.step)
+
+    sink = Counting()
+    sink.write(_record(3, {}))
+    sink.write_errors(3, 1)  # no-op by default
+    sink.close()
+    sink.close()
+    assert sink.records == [3]
+    with pytest.raises(NotImplementedError, match="must implement write"):
+        Sink().write(_record(1, {}))
+    assert issubclass(JsonlSink, Sink) and issubclass(TensorBoardSink, Sink)
+
+
+def test_sinks_argument_without_write_is_refused_naming_it():
+    with pytest.raises(TypeError, match="sinks= holds"):
+        LayerWatch(_probe(), logdir=None, sinks=[object()])
+
+
+def test_open_sinks_writes_the_run_files_and_claims_the_directory(tmp_path):
+    sinks = open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+    assert [type(s) for s in sinks] == [JsonlSink, TensorBoardSink, WriterClaim]
+    assert (tmp_path / PROBE_FILENAME).is_file() and (tmp_path / JSONL_NAME).is_file()
+    with pytest.raises(ValueError, match="already has a live layerwatch TensorBoard writer"):
+        open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+    for sink in sinks:
+        sink.close()
+    second = open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=False, resume_step=None)  # released on close
+    assert [type(s) for s in second] == [TensorBoardSink, WriterClaim]
+    for sink in second:
+        sink.close()
