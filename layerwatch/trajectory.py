@@ -639,8 +639,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoints",
         nargs="+",
         metavar="CHECKPOINT_DIR",
-        help="a Trainer output_dir (its checkpoint-<step> folders are used) or checkpoint folders",
+        help="a Trainer output_dir (its checkpoint-<step> folders are used) or checkpoint folders; with --revisions, "
+        "one Hub repository ORG/NAME (or a local folder in the Hugging Face cache layout)",
     )
+    from layerwatch import revisions
+
+    revisions.add_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--probe",
@@ -728,8 +732,12 @@ def _quiet_transformers() -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``layerwatch trajectory``; returns the exit code (0 ok, 2 user error)."""
-    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr))
     _quiet_transformers()
+    from layerwatch import revisions
+
+    if revisions.wants_revisions(args):
+        return revisions.main(args)
+    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr))
     try:
         resolved = discover_checkpoints(args.checkpoints, steps=args.steps)
         out = Path(args.out) if args.out else Path(args.checkpoints[0]) / DEFAULT_OUT_NAME
