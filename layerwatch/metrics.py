@@ -40,7 +40,7 @@ import bisect
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -52,6 +52,7 @@ R = TypeVar("R")
 
 __all__ = [
     "EIGENVALUE_RTOL",
+    "SET_CHUNK_BYTES",
     "PROBE_FOLDS",
     "PROBE_RIDGE",
     "SINK_NORM_RATIO",
@@ -72,6 +73,7 @@ __all__ = [
     "prompt_entropy",
     "prompt_entropy_without_sinks",
     "probe_accuracy",
+    "set_level_peak_bytes",
     "sink_tokens",
     "token_metrics",
 ]
@@ -93,6 +95,11 @@ ZERO_ROW_RTOL = 1e-10
 CURVATURE_ZERO_TOL = 1e-10
 
 # Target size (bytes of float64) of one block of rows in the CPU row-normalization loop.
+#: Working memory of one chunk of the ``M x M`` set-level matrices (DiME's Hadamard products, InfoNCE's logits).
+#: A chunk holds at least one matrix, so for very large ``M`` the floor is a few ``M x M`` float64 matrices.
+SET_CHUNK_BYTES = 256 << 20
+_DIME_MATRICES_PER_ITEM = 5  # kernels of its layer (2), the gathered product, eigvalsh's copy and workspace
+_INFONCE_MATRICES_PER_ITEM = 3  # logits, logsumexp's temporaries
 _CPU_BLOCK_BYTES = 4 << 20
 _ACCELERATOR_BLOCK_BYTES = 512 << 20
 
@@ -603,6 +610,71 @@ def _dime_permutations(m: int, n_permutations: int, generator: torch.Generator |
     return keys.argsort(dim=-1)
 
 
+def set_level_peak_bytes(num_prompts: int, metrics: Iterable[str]) -> int:
+    """Estimated peak working memory (bytes) of the set-level step for ``num_prompts`` prompts and these metric
+    names: the part that grows like ``M²`` (and beyond :data:`SET_CHUNK_BYTES`, cannot be chunked away): one
+    DiME item of :data:`_DIME_MATRICES_PER_ITEM` ``M x M`` float64 matrices, InfoNCE's ``M x M`` logits of one
+    layer. The pooled rows the metrics start from (``layers x M x D``) come on top; they grow only linearly.
+    Eigendecomposition time grows like ``M³`` per layer and permutation.
+    """
+    names, m = set(metrics), int(num_prompts)
+    item = 0
+    if "dime" in names:
+        item = max(item, _DIME_MATRICES_PER_ITEM * m * m * 8)
+    if "infonce" in names or "infonce_chance" in names:
+        item = max(item, _INFONCE_MATRICES_PER_ITEM * m * m * 8)
+    return max(item, SET_CHUNK_BYTES) if item else 0  # chunks fill up to SET_CHUNK_BYTES, or hold one item
+
+
+def _chunk_items(item_bytes: int) -> int:
+    """How many items of ``item_bytes`` working memory each fit in one chunk of :data:`SET_CHUNK_BYTES` (>= 1)."""
+    return max(1, SET_CHUNK_BYTES // max(1, item_bytes))
+
+
+def _dime_entropies(a: Tensor, b: Tensor, perms: Tensor, alpha: float) -> Tensor:
+    """``[..., R]``: H(K_A ∘ P_r K_B P_rᵀ) for the rows ``perms[R, M]``, chunked over (layer, permutation) pairs.
+
+    Each chunk builds only the kernels of the layers it touches and its own Hadamard products, so the working
+    set is a few ``M x M`` matrices per item, whatever the number of layers and permutations.
+    """
+    lead, m = a.shape[:-2], a.shape[-2]
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    count = perms.shape[0]
+    total = flat_a.shape[0] * count
+    out = torch.empty(total, dtype=torch.float64, device=a.device)
+    step = _chunk_items(_DIME_MATRICES_PER_ITEM * m * m * 8)
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        first, last = start // count, (stop - 1) // count + 1
+        kernel_a = flat_a[first:last] @ flat_a[first:last].mT  # [l, M, M], only the layers of this chunk
+        kernel_b = flat_b[first:last] @ flat_b[first:last].mT
+        index = torch.arange(start, stop, device=a.device)
+        layer, rows = index // count - first, perms[index % count]
+        stack = kernel_b[layer[:, None, None], rows[:, :, None], rows[:, None, :]]  # [c, M, M]
+        stack.mul_(kernel_a[layer])
+        del kernel_a, kernel_b
+        out[start:stop] = _entropy_from_eigenvalues(_safe_eigvalsh(stack), alpha)
+    return out.reshape(*lead, count)
+
+
+def _infonce_losses(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """``[...]`` InfoNCE of unit rows ``a, b[..., M, D]``, over chunks of (layer, query rows): the ``M x M``
+    logits of all layers never exist at once."""
+    lead, m = a.shape[:-2], a.shape[-2]
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    total = torch.zeros(flat_a.shape[0], dtype=torch.float64, device=a.device)
+    layers_per = _chunk_items(_INFONCE_MATRICES_PER_ITEM * m * m * 8)
+    rows_per = m if layers_per > 1 else _chunk_items(_INFONCE_MATRICES_PER_ITEM * m * 8)
+    for first in range(0, flat_a.shape[0], layers_per):
+        layers = slice(first, first + layers_per)
+        for row in range(0, m, rows_per):
+            rows = slice(row, row + rows_per)
+            logits = (flat_a[layers, rows] @ flat_b[layers].mT) / temperature  # [l, r, M]
+            positive = torch.diagonal(logits, row, -2, -1)  # row i of the block pairs with column row + i
+            total[layers] += (torch.logsumexp(logits, dim=-1) - positive).sum(-1)
+    return (total / m).reshape(lead)
+
+
 def _lidar_kernel(z: Tensor, delta: float, method: str = "auto") -> Tensor:
     """Symmetric matrix whose non-zero spectrum is that of Σ_w^{-1/2} Σ_b Σ_w^{-1/2}.
 
@@ -902,8 +974,7 @@ def infonce(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tens
         raise ValueError(f"`temperature` must be positive, got {temperature}")
     a, bad_a = _center_unit(view_a, None)
     b, bad_b = _center_unit(view_b, None)
-    logits = (a @ b.mT) / temperature
-    loss = (torch.logsumexp(logits, dim=-1) - torch.diagonal(logits, 0, -2, -1)).mean(-1)
+    loss = _infonce_losses(a, b, temperature)
     dtype = torch.float64 if torch.float64 in (view_a.dtype, view_b.dtype) else torch.float32
     return torch.where(bad_a | bad_b, math.nan, loss).to(dtype)
 
@@ -964,8 +1035,9 @@ def dime(
     ``A, B`` normalized as in :func:`infonce`; ``K_A = A Aᵀ``, ``K_B = B Bᵀ`` (always ``M x M``);
     ``H(K) = S_alpha`` of the trace-normalized Hadamard product;
     ``DiME = mean_P H(K_A ∘ P K_B Pᵀ) - H(K_A ∘ K_B)`` over ``n_permutations`` random permutations. The same
-    permutations are used for every leading index (layer), so layers are compared on equal terms. All
-    entropies are computed in one batched eigendecomposition.
+    permutations are used for every leading index (layer), so layers are compared on equal terms. The
+    ``(layer, permutation)`` matrices are built and decomposed in chunks of at most :data:`SET_CHUNK_BYTES`, so
+    memory does not grow with the permutation count or the number of layers (see :func:`set_level_peak_bytes`).
 
     Args:
         view_a: ``[..., M, D]`` pooled embeddings of view A.
@@ -995,13 +1067,9 @@ def dime(
     m = view_a.shape[-2]
     a, bad_a = _center_unit(view_a, None)
     b, bad_b = _center_unit(view_b, None)
-    kernel_a = a @ a.mT  # [..., M, M]
-    kernel_b = b @ b.mT
     perms = _dime_permutations(m, int(n_permutations), generator).to(view_a.device)  # [P, M]
-    permuted = kernel_b[..., perms.unsqueeze(-1), perms.unsqueeze(-2)]  # [..., P, M, M]
-    stack = torch.cat([kernel_b.unsqueeze(-3), permuted], dim=-3)  # [..., 1 + P, M, M]
-    stack = kernel_a.unsqueeze(-3) * stack
-    entropies = _entropy_from_eigenvalues(_safe_eigvalsh(stack), alpha)  # [..., 1 + P]
+    identity = torch.arange(m, device=view_a.device).unsqueeze(0)
+    entropies = _dime_entropies(a, b, torch.cat([identity, perms]), alpha)  # [..., 1 + P]
     result = entropies[..., 1:].mean(-1) - entropies[..., 0]
     dtype = torch.float64 if torch.float64 in (view_a.dtype, view_b.dtype) else torch.float32
     return torch.where(bad_a | bad_b, math.nan, result).to(dtype)

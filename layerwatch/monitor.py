@@ -57,6 +57,28 @@ METRIC_PRESETS: dict[str, tuple[str, ...]] = registry.metric_presets()
 ALL_METRICS = registry.all_metrics()
 
 
+DEFAULT_MEMORY_BUDGET = 2 << 30
+"""Default ``memory_budget`` of :class:`LayerWatch`: 2 GiB for the set-level metrics' peak (about 7,000 prompts
+with DiME)."""
+
+
+def check_memory_budget(num_prompts: int, metric_names: Sequence[str], budget: int | None) -> None:
+    """Refuse (ValueError) a probe whose set-level metrics would need more than ``budget`` bytes at their peak."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes or None (no check), got {budget!r}")
+    estimate = M.set_level_peak_bytes(num_prompts, metric_names)
+    if estimate > budget:
+        heavy = [name for name in ("dime", "infonce", "infonce_chance") if name in metric_names]
+        raise ValueError(
+            f"a probe of {num_prompts} prompts needs about {estimate / 2**30:.1f} GiB for the M x M matrices of "
+            f"{', '.join(heavy)} (and time growing like M^3), over memory_budget={budget / 2**30:.1f} GiB. Use fewer "
+            f"prompts (num_prompts= when building the probe), metrics='light' (no M x M matrices), or raise "
+            "memory_budget= (None turns the check off)"
+        )
+
+
 class ProbeError(RuntimeError):
     """A probe failed (on this rank or on another one)."""
 
@@ -164,6 +186,9 @@ class LayerWatch:
         collapse_threshold, collapse_drop: alert when a normalized entropy falls below the threshold or drops by
             more than this fraction between probes.
         seed: seeds DiME's permutations.
+        memory_budget: bytes the set-level metrics may use at their peak (default 2 GiB; ``None``: no check). A
+            probe whose estimate (:func:`layerwatch.metrics.set_level_peak_bytes`, the ``M x M`` matrices of DiME
+            and InfoNCE) exceeds it is refused here, before any training step, with the estimate and the knobs.
     """
 
     def __init__(
@@ -188,6 +213,7 @@ class LayerWatch:
         collapse_threshold: float = 0.1,
         collapse_drop: float = 0.5,
         seed: int = 0,
+        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         if not isinstance(probe, Probe):
             raise TypeError(
@@ -204,6 +230,7 @@ class LayerWatch:
             every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
         )
         self.preset, self.metric_names, lidar_views = resolve_metrics(metrics)
+        check_memory_budget(probe.num_prompts, self.metric_names, memory_budget)
         if lidar_views and len(probe.views) < lidar_views:
             probe = probe.with_views(lidar_views)
         self.probe = probe
