@@ -42,6 +42,8 @@ from collections.abc import Sequence
 
 import torch
 
+from layerwatch.checks import check_int
+
 __all__ = [
     "DEFAULT_EDIT_FRACTION",
     "DEFAULT_OPERATIONS",
@@ -64,14 +66,6 @@ _KNOWN_OPERATIONS = frozenset({"split", "substitute"})
 # --------------------------------------------------------------------------------------------------
 # Validation and small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _check_int(value: object, name: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_batch(
@@ -140,8 +134,8 @@ def view_generator(seed: int, view_index: int, device: str | torch.device = "cpu
         >>> view_generator(0, 0).initial_seed() == view_generator(0, 1).initial_seed()
         False
     """
-    seed = _check_int(seed, "seed")
-    view_index = _check_int(view_index, "view_index", minimum=0)
+    seed = check_int(seed, "seed")
+    view_index = check_int(view_index, "view_index", minimum=0)
     digest = hashlib.sha256(f"layerwatch-view:{seed}:{view_index}".encode()).digest()
     generator = torch.Generator(device=device)
     generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -285,7 +279,7 @@ def max_view_length(
         >>> max_view_length(1)  # nothing is editable
         1
     """
-    length = _check_int(length, "length", minimum=0)
+    length = check_int(length, "length", minimum=0)
     if not 0.0 < float(edit_fraction) <= 1.0:
         raise ValueError(f"edit_fraction must be in (0, 1], got {edit_fraction}")
     if isinstance(operations, str):
@@ -342,8 +336,8 @@ def augment_batch(
         (1, 2)
     """
     input_ids, mask = _check_batch(input_ids, attention_mask)
-    vocab_size = _check_int(vocab_size, "vocab_size", minimum=1)
-    pad_token_id = _check_int(pad_token_id, "pad_token_id")
+    vocab_size = check_int(vocab_size, "vocab_size", minimum=1)
+    pad_token_id = check_int(pad_token_id, "pad_token_id")
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
@@ -354,7 +348,7 @@ def augment_batch(
     if not 0.0 < float(edit_fraction) <= 1.0:
         raise ValueError(f"edit_fraction must be in (0, 1], got {edit_fraction}")
     if max_edits is not None:
-        max_edits = _check_int(max_edits, "max_edits", minimum=1)
+        max_edits = check_int(max_edits, "max_edits", minimum=1)
     if isinstance(operations, str):
         operations = (operations,)
     unknown = [op for op in operations if op not in _KNOWN_OPERATIONS]
@@ -423,7 +417,7 @@ def make_views(
         >>> view_ids[:, 0]  # BOS is never edited
         tensor([1, 1])
     """
-    num_views = _check_int(num_views, "num_views", minimum=0)
+    num_views = check_int(num_views, "num_views", minimum=0)
     return [
         augment_batch(
             input_ids,

@@ -27,7 +27,6 @@ from torch import nn
 
 from layerwatch import metrics as M
 from layerwatch._version import __version__
-from layerwatch.augment import right_align
 from layerwatch.alerts import AlertTracker
 from layerwatch.capture import (
     CaptureError,
@@ -41,7 +40,7 @@ from layerwatch.capture import (
     model_device,
 )
 from layerwatch import registry
-from layerwatch.probe import Probe
+from layerwatch.probe import Probe, take_rows
 from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, resolve_metrics
 from layerwatch.record import ProbeRecord
 from layerwatch.schedule import ProbeSchedule
@@ -425,8 +424,7 @@ class LayerWatch:
                 for start in range(0, per_rank, self.batch_size):
                     chunk = torch.tensor(rows[start : start + self.batch_size])
                     chunk_real = torch.tensor(real[start : start + self.batch_size])
-                    # real tokens first, trimmed to the chunk's longest prompt: positions start at 0 on any padding side
-                    ids, mask = right_align(all_ids[chunk], all_mask[chunk], pad_token_id=self.probe.pad_token_id)
+                    ids, mask = take_rows(all_ids, all_mask, chunk)  # right-aligned already: positions start at 0
                     ids, mask = ids.to(device), mask.bool().to(device)
                     current["batch"] = _Batch(pass_index, chunk[chunk_real].to(device), chunk_real.to(device), mask)
                     inputs = {"input_ids": ids, **options}

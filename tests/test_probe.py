@@ -526,3 +526,29 @@ def test_saved_probe_has_the_mode_of_the_run_s_other_files(tmp_path):
         os.umask(previous)
     assert (path.stat().st_mode & 0o777) == (other.stat().st_mode & 0o777) == 0o644
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_take_rows_matches_realigning_each_chunk():
+    """Probe batches are right-aligned once; cutting rows must equal re-aligning them (what chunks used to do)."""
+    from layerwatch.augment import right_align
+    from layerwatch.probe import take_rows
+
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 40, (9, 12), generator=generator)
+    mask = torch.rand(9, 12, generator=generator) < 0.7  # holes anywhere: any padding side
+    mask[:, :3] = True
+    probe = Probe.from_tensors(ids, mask, vocab_size=40, views=2, pad_token_id=1)
+    for batch_ids, batch_mask in [(probe.input_ids, probe.attention_mask), *probe.views]:
+        for rows in ([0], [8, 2, 5], list(range(9)), [4, 4]):
+            chunk = torch.tensor(rows)
+            got = take_rows(batch_ids, batch_mask, chunk)
+            expected = right_align(batch_ids[chunk], batch_mask[chunk], pad_token_id=1)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_builders_return_the_calling_class():
+    class Tagged(Probe):
+        pass
+
+    probe = Tagged.from_tensors(torch.tensor([[1, 2, 3, 4]]), vocab_size=8, views=1)
+    assert type(probe) is Tagged and type(probe.with_views(3)) is Tagged
