@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from layerwatch import images as images_module
 from layerwatch import registry
 from layerwatch.alerts import BIMODALITY_THRESHOLD
 
@@ -66,11 +67,8 @@ def _require_matplotlib() -> None:
         raise ReportError(f"layerwatch report needs matplotlib: {INSTALL_HINT}") from error
 
 
-def _new_figure(width: float, height: float) -> "Figure":
-    from matplotlib.figure import Figure
-
-    # A bare Figure (no pyplot): rendered by the Agg canvas on savefig, no global backend state involved.
-    return Figure(figsize=(width, height), layout="constrained")
+_new_figure = images_module.new_figure
+_tick_positions = images_module.tick_positions
 
 
 def _save(figure: "Figure", path: Path, dpi: int) -> Path:
@@ -94,45 +92,10 @@ def ordered_metrics(run: "Run") -> list[str]:
     return kept
 
 
-def _tick_positions(count: int, most: int) -> list[int]:
-    if count <= most:
-        return list(range(count))
-    positions = np.unique(np.round(np.linspace(0, count - 1, most)).astype(int))
-    return [int(p) for p in positions]
-
-
-def _uniform(steps: np.ndarray) -> bool:
-    if len(steps) < 3:
-        return True
-    gaps = np.diff(steps.astype(np.float64))
-    return bool(np.allclose(gaps, gaps[0], rtol=0.05))
-
-
 def plot_heatmap(run: "Run", metric: str, path: Path, *, dpi: int = 110) -> Path:
     """A layer x step heatmap of one metric (layer 0 at the bottom, one column per probed step)."""
-    steps = np.asarray(run.steps)
-    layers = list(run.layers)
     matrix = np.asarray(run.metric(metric), dtype=np.float64).T  # [layers, steps]
-    width = min(14.0, max(6.0, 2.5 + 0.28 * len(steps)))
-    height = min(11.0, max(3.2, 1.4 + 0.24 * len(layers)))
-    figure = _new_figure(width, height)
-    axes = figure.add_subplot()
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#c8c8c8")
-    image = axes.imshow(
-        np.ma.masked_invalid(matrix), origin="lower", aspect="auto", cmap=cmap, interpolation="nearest"
-    )
-    x_ticks = _tick_positions(len(steps), 12)
-    axes.set_xticks(x_ticks, [str(int(steps[i])) for i in x_ticks], rotation=45 if len(steps) > 6 else 0)
-    y_ticks = _tick_positions(len(layers), 17)
-    axes.set_yticks(y_ticks, [str(layers[i]) for i in y_ticks])
-    spacing = "" if _uniform(steps) else " (one column per probe; not to scale)"
-    axes.set_xlabel("step" + spacing)
-    axes.set_ylabel("layer (0 = embeddings)")
-    axes.set_title(metric)
-    colorbar = figure.colorbar(image, ax=axes)
-    colorbar.set_label(metric)
+    figure = images_module.heatmap_figure(matrix, np.asarray(run.steps), list(run.layers), metric=metric)
     return _save(figure, path, dpi)
 
 
@@ -179,7 +142,6 @@ def plot_trajectories(run: "Run", metrics: Sequence[str], path: Path, *, dpi: in
     """One panel per metric: its value over steps, one line per layer coloured from shallow (light) to deep (dark)."""
     import matplotlib
     from matplotlib.colors import Normalize
-    from matplotlib.ticker import FuncFormatter
 
     steps = np.asarray(run.steps, dtype=np.float64)
     layers = list(run.layers)
@@ -187,8 +149,6 @@ def plot_trajectories(run: "Run", metrics: Sequence[str], path: Path, *, dpi: in
     figure = _new_figure(4.2 * columns + 0.8, 3.1 * rows)
     cmap = matplotlib.colormaps["viridis"]
     norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
-    positive = steps[steps > 0]
-    log_x = len(positive) >= 3 and positive.max() / positive.min() >= 100
     all_axes = []
     for panel, metric in enumerate(metrics):
         axes = figure.add_subplot(rows, columns, panel + 1)
@@ -196,9 +156,7 @@ def plot_trajectories(run: "Run", metrics: Sequence[str], path: Path, *, dpi: in
         values = np.asarray(run.metric(metric), dtype=np.float64)
         for index, layer in enumerate(layers):
             axes.plot(steps, values[:, index], color=cmap(norm(layer)), lw=1.2, marker="." if len(steps) < 30 else None)
-        if log_x:
-            axes.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
-            axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        images_module.set_step_scale(axes, steps)
         axes.set_title(metric)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
@@ -480,9 +438,22 @@ def _read(run_dir: Path) -> "Run":
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``layerwatch report`` arguments to ``parser``."""
-    parser.description = "Draw a run as PNG pictures (heatmaps, depth profiles, histograms) and one HTML page."
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a layerwatch run directory (holding layerwatch.jsonl)")
-    parser.add_argument("--out", metavar="DIR", help="where report.html and report/ go (default: RUN_DIR)")
+    parser.description = (
+        "Draw a run as PNG pictures (heatmaps, depth profiles, histograms) and one HTML page; with several run "
+        "directories, write one HTML page comparing them (the first is the reference)."
+    )
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="+", help="a layerwatch run directory (holding layerwatch.jsonl); "
+        "give two or more to compare runs"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="where report.html and report/ go (default: RUN_DIR); when comparing, the HTML "
+        "file or its folder (default: ./layerwatch-comparison.html)"
+    )
+    parser.add_argument(
+        "--allow-different-probes", action="store_true",
+        help="compare runs probed with different prompts anyway (flagged in red; refused by default)",
+    )
     parser.add_argument("--metrics", help="comma-separated metrics to draw (default: all the run has)")
     parser.add_argument("--dpi", type=int, default=110, help="image resolution (default 110)")
 
@@ -491,7 +462,16 @@ def main(args: argparse.Namespace) -> int:
     """Run ``layerwatch report``; returns the exit code (0 ok, 2 user error)."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
-        report = make_report(args.run_dir, out=args.out, metrics=metrics, dpi=args.dpi)
+        if len(args.run_dir) > 1:
+            from layerwatch import compare
+
+            comparison = compare.make_comparison(
+                args.run_dir, out=args.out, metrics=metrics, dpi=args.dpi,
+                allow_different_probes=args.allow_different_probes,
+            )
+            print(compare.describe(comparison))
+            return 0
+        report = make_report(args.run_dir[0], out=args.out, metrics=metrics, dpi=args.dpi)
     except ReportError as error:
         print(f"layerwatch report: error: {error}", file=sys.stderr)
         return 2

@@ -185,11 +185,10 @@ class TensorBoardSink(Sink):
                     writer.add_histogram(f"{SCALAR_PREFIX}/{name}_per_prompt/layer_{layer:02d}", finite, record.step)
         for name, values in record.metrics.items():
             matrix = self._history.matrix(name)
-            writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", images.heatmap(matrix), record.step, dataformats="HWC")
-            writer.add_image(
-                f"{SCALAR_PREFIX}/depth_profile/{name}", images.depth_profile(np.asarray(values)), record.step,
-                dataformats="HWC",
-            )
+            picture = images.heatmap(matrix, self._history.steps, record.layers, metric=name)
+            writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", picture, record.step, dataformats="HWC")
+            profile = images.depth_profile(np.asarray(values), record.layers, metric=name, step=record.step)
+            writer.add_image(f"{SCALAR_PREFIX}/depth_profile/{name}", profile, record.step, dataformats="HWC")
         for alert in record.alerts:
             writer.add_text(f"{SCALAR_PREFIX}/alerts", alert, record.step)
         writer.flush()

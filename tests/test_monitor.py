@@ -110,7 +110,8 @@ def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
     assert "layerwatch/heatmap/prompt_entropy" in tags["images"]
     assert "layerwatch/depth_profile/curvature" in tags["images"]
     heatmaps = accumulator.Images("layerwatch/heatmap/prompt_entropy")
-    assert len(heatmaps) == 4 and heatmaps[-1].width > heatmaps[0].width  # redrawn with each new step
+    assert len(heatmaps) == 4 and [h.step for h in heatmaps] == probed  # redrawn with each new step
+    assert all(h.width >= 680 and h.height >= 330 for h in heatmaps)  # a labelled chart, readable without zooming
     assert "custom_scalars__config__" in tags["tensors"]
     from tensorboard.plugins.custom_scalar import layout_pb2
 

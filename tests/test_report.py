@@ -31,13 +31,16 @@ def _valley(step_index: int, layer: int) -> float:
     return 0.9 - dip
 
 
-def write_run(logdir, *, steps=STEPS, with_per_prompt=True, nan_metric=False):
-    """A run directory in the JSONL format the monitor writes (one record per line)."""
+def write_run(logdir, *, steps=STEPS, with_per_prompt=True, nan_metric=False, settings=None, shift=None):
+    """A run directory in the JSONL format the monitor writes (one record per line).
+
+    ``shift(step, layer)`` is added to prompt_entropy (to make a second run that differs by a known amount).
+    """
     logdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     lines = []
     for i, step in enumerate(steps):
-        entropy = [_valley(i, layer) for layer in range(LAYERS)]
+        entropy = [_valley(i, layer) + (shift(step, layer) if shift else 0.0) for layer in range(LAYERS)]
         metrics = {
             "prompt_entropy": entropy,
             "dataset_entropy": [0.2 + 0.05 * layer - 0.01 * i for layer in range(LAYERS)],
@@ -69,7 +72,7 @@ def write_run(logdir, *, steps=STEPS, with_per_prompt=True, nan_metric=False):
             "metrics": metrics,
             "per_prompt": per_prompt,
             "alerts": ["prompt_entropy collapsed at layer 3"] if i == len(steps) - 1 else [],
-            "settings": {"preset": "standard", "alpha": 1.0},
+            "settings": settings or {"preset": "standard", "alpha": 1.0},
         }
         lines.append(json.dumps(record))
     (logdir / "layerwatch.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
