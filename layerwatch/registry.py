@@ -264,6 +264,11 @@ def _fused(key: str) -> Callable[[TokenInputs], Tensor]:
     return per_prompt
 
 
+def _entropy_without_sinks(t: TokenInputs) -> Tensor:
+    entropy = t.fused()["prompt_entropy"]  # shared with prompt_entropy: only prompts holding a sink are recomputed
+    return _metrics().prompt_entropy_without_sinks(t.hidden, t.mask, alpha=t.alpha, entropy=entropy)
+
+
 def _dime(s: SetInputs) -> Tensor:
     import torch
 
@@ -306,6 +311,18 @@ _BUILTIN = (
         "RankMe effective rank of the pooled representations",
         needs=(POOLED,), presets=_ALL, compressed_when="lower", summary=True,
         compute=lambda s: _metrics().effective_rank(s.pooled),
+    ),
+    MetricSpec(
+        "massive_activation",
+        "largest token norm over the prompt's median token norm (far above 10: a massive activation, an attention "
+        "sink; then read prompt_entropy_without_sinks)",
+        needs=(TOKENS,), presets=_ALL, per_prompt=lambda t: _metrics().massive_activation(t.hidden, t.mask),
+    ),
+    MetricSpec(
+        "prompt_entropy_without_sinks",
+        "prompt entropy leaving out sink tokens (norm above 10x the prompt's median); low here too = real "
+        "compression, high while prompt_entropy is low = an attention sink",
+        needs=(TOKENS,), presets=_ALL, compressed_when="lower", per_prompt=_entropy_without_sinks,
     ),
     MetricSpec(
         "rms",

@@ -147,7 +147,8 @@ def test_unregister_leaves_the_built_in_registry_as_it_was(throwaway_metrics):
 
 def test_presets_and_flags_derive_from_the_declarations():
     light = ("prompt_entropy", "prompt_entropy_bimodality", "dataset_entropy", "curvature", "effective_rank")
-    assert METRIC_PRESETS["light"] == light + ("rms", "max_abs", "nonfinite")
+    sinks = ("massive_activation", "prompt_entropy_without_sinks")
+    assert METRIC_PRESETS["light"] == light + sinks + ("rms", "max_abs", "nonfinite")
     assert METRIC_PRESETS["standard"] == METRIC_PRESETS["light"] + ("infonce", "dime", "lidar")
     assert METRIC_PRESETS["paper"] == METRIC_PRESETS["standard"]
     assert registry.histogram_metrics() == ("prompt_entropy", "curvature")
