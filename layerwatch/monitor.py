@@ -31,15 +31,11 @@ from layerwatch.alerts import AlertTracker
 from layerwatch.capture import (
     CaptureError,
     LayerHooks,
-    accepts_attention_mask,
-    find_blocks,
-    forward_options,
     isolated,
-    max_positions,
-    model_config,
     model_device,
 )
 from layerwatch import registry
+from layerwatch.model_facts import ModelFacts, model_facts
 from layerwatch.probe import Probe, take_rows
 from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, resolve_metrics
 from layerwatch.record import ProbeRecord
@@ -358,29 +354,11 @@ class LayerWatch:
         gap = self.schedule.required_gap(probe_seconds, self._seconds_per_step)
         self.schedule.min_gap = int(all_ranks_max(gap))  # every rank must probe at the same steps
 
-    def _validate(self, model: nn.Module) -> None:
+    def _validate(self, model: nn.Module, facts: ModelFacts) -> None:
         """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
         if model in self._validated:
             return
-        config = model_config(model)
-        vocab = getattr(config, "vocab_size", None)
-        if vocab is None and hasattr(model, "get_input_embeddings"):
-            embeddings = model.get_input_embeddings()
-            vocab = getattr(embeddings, "num_embeddings", None)
-        top = self.probe.max_token_id()
-        if vocab is not None and top >= vocab:
-            raise ValueError(
-                f"the probe has token id {top} but the model's vocabulary has {vocab} entries (ids 0..{vocab - 1}); "
-                "build the probe with this model's tokenizer (or Probe.from_tensors(..., vocab_size=...))"
-            )
-        limit = max_positions(model)
-        longest = max(int(mask.sum(dim=1).max()) for _, _, mask in self._passes())  # only what this preset feeds
-        if limit is not None and longest > limit:
-            raise ValueError(
-                f"the probe has prompts (or augmented views) of {longest} tokens but the model takes at most "
-                f"{limit} positions; build the probe with a smaller max_length (or use metrics='light', which "
-                "feeds no augmented views)"
-            )
+        facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in self._passes()))
         self._validated.add(model)
 
     def _passes(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -395,8 +373,9 @@ class LayerWatch:
         return passes
 
     def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:
-        self._validate(model)
-        blocks = find_blocks(model, self.layers)
+        facts = model_facts(model, self.layers)
+        self._validate(model, facts)
+        blocks = facts.blocks
         rank, world = _distributed()
         device = self.device or model_device(model)
         prompts = self.probe.num_prompts
@@ -416,8 +395,7 @@ class LayerWatch:
                 buffers.allocate(hidden.shape[-1], hidden.device)
             self._reduce_layer(buffers, index, hidden, batch)
 
-        options = forward_options(model)
-        pass_mask = accepts_attention_mask(model)
+        options, pass_mask = facts.forward_options, facts.accepts_attention_mask
         local_error: BaseException | None = None
         with isolated(model), LayerHooks(blocks, on_layer) as hooks:
             for pass_index, all_ids, all_mask in self._passes():

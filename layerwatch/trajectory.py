@@ -367,47 +367,6 @@ def free_memory() -> None:
         pass
 
 
-def embedding_rows(model: Any) -> int | None:
-    """Rows of the model's input embedding table (the largest token id it accepts, plus one)."""
-    try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        embeddings = None
-    if embeddings is not None:
-        weight = getattr(embeddings, "weight", None)
-        if weight is not None:
-            return int(weight.shape[0])
-        if hasattr(embeddings, "num_embeddings"):
-            return int(embeddings.num_embeddings)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    return int(vocab) if vocab else None
-
-
-def check_probe_fits(probe: "Probe", model: Any, checkpoint: Checkpoint) -> None:
-    """Refuse a probe whose token ids do not exist in the model's embedding table.
-
-    Raises:
-        TrajectoryError: naming the probe's vocabulary size, its largest id and the model's embedding rows.
-    """
-    rows = embedding_rows(model)
-    if rows is None:
-        return
-    max_id = int(probe.max_token_id())
-    if max_id >= rows:
-        raise TrajectoryError(
-            f"the probe does not fit the model in {checkpoint.path}: the probe was built for a vocabulary of "
-            f"{probe.vocab_size} tokens (largest token id {max_id}), but the model's vocabulary has {rows} tokens. "
-            f"Build the probe with this model's tokenizer (--texts FILE) or pass the probe the run was trained with."
-        )
-    if probe.vocab_size is not None and int(probe.vocab_size) > rows:
-        logger.warning(
-            "the probe was built for a vocabulary of %d tokens but %s has %d; its ids fit, but check the tokenizer",
-            probe.vocab_size,
-            checkpoint.path,
-            rows,
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Probe
 # --------------------------------------------------------------------------------------------------------------------
@@ -575,8 +534,7 @@ def run_trajectory(
                 model = load_checkpoint(checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
                 loaded = time.perf_counter()
                 try:
-                    check_probe_fits(probe_obj, model, checkpoint)
-                    try:
+                    try:  # the monitor refuses, before any forward, a probe this model cannot take
                         record = watch.run(model, checkpoint.step)
                     except TrajectoryError:
                         raise
