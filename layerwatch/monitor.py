@@ -178,8 +178,10 @@ class LayerWatch:
         tensorboard, jsonl: write TensorBoard events / the JSONL file into ``logdir``.
         resume_step: the step a run resumed from: records after it are dropped and TensorBoard purges them.
         device: where probe inputs go; default the device of the model's first parameter.
-        collapse_threshold, collapse_drop: alert when a normalized entropy falls below the threshold or drops by
-            more than this fraction between probes.
+        collapse_threshold: the floor of the normalized dataset entropy: at or below it (or effective rank at or
+            below 1.5) at ``collapse_probes`` consecutive probes, a layer raises a collapse alert; layers with an
+            attention sink are not judged (see :mod:`layerwatch.alerts` and the README).
+        collapse_probes: consecutive probes at the floor before a collapse alert (default 2).
         seed: seeds DiME's permutations.
         memory_budget: bytes the set-level metrics may use at their peak (default 2 GiB; ``None``: no check). A
             probe whose estimate (:func:`layerwatch.metrics.set_level_peak_bytes`, the ``M x M`` matrices of DiME
@@ -205,8 +207,8 @@ class LayerWatch:
         jsonl: bool = True,
         resume_step: int | None = None,
         device: str | torch.device | None = None,
-        collapse_threshold: float = 0.1,
-        collapse_drop: float = 0.5,
+        collapse_threshold: float = 0.05,
+        collapse_probes: int = 2,
         seed: int = 0,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ) -> None:
@@ -219,8 +221,8 @@ class LayerWatch:
             raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
-        if not 0 < collapse_drop <= 1:
-            raise ValueError(f"collapse_drop must be a fraction in (0, 1], got {collapse_drop!r}")
+        if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
+            raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
         self.schedule = ProbeSchedule(
             every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
         )
@@ -236,7 +238,7 @@ class LayerWatch:
         self.strict = strict
         self.device = torch.device(device) if device is not None else None
         self.seed = seed
-        self.alerts = AlertTracker(collapse_threshold=collapse_threshold, collapse_drop=collapse_drop)
+        self.alerts = AlertTracker(collapse_threshold=collapse_threshold, collapse_probes=collapse_probes)
         self.logdir = Path(logdir) if logdir is not None else None
         self.error_count = 0
         self._warned_kinds: set[str] = set()
@@ -465,8 +467,7 @@ class LayerWatch:
                     values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
         layers = list(range(num_layers))
         metrics = {name: values[name].cpu().tolist() for name in self.metric_names}
-        # Early training compresses fast by design: the drop rule starts once probes are `every` steps apart.
-        alerts = self.alerts.check(step, layers, metrics, check_drops=step >= self.schedule.every)
+        alerts = self.alerts.check(step, layers, metrics)
         record = ProbeRecord(
             step=int(step),
             time=time.time(),

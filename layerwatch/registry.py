@@ -120,7 +120,10 @@ class MetricSpec:
         compressed_when: ``"lower"`` or ``"higher"``: which values mean a more compressed layer; None when the
             metric does not measure compression.
         histogram: keep its per-prompt values in the record (JSONL ``per_prompt``) and draw TensorBoard histograms.
-        collapse_watched: the collapse alerts watch it (threshold and relative drop).
+        collapse_watched: the collapse alerts watch it: a value at or below its floor at consecutive probes is a
+            collapse (:mod:`layerwatch.alerts`).
+        collapse_floor: the floor of a collapse-watched metric in its own units; None: the monitor's
+            ``collapse_threshold`` (for metrics normalized to [0, 1]).
         summary: shown by ``summary_table`` by default (a main metric).
     """
 
@@ -134,6 +137,7 @@ class MetricSpec:
     compressed_when: Literal["lower", "higher"] | None = None
     histogram: bool = False
     collapse_watched: bool = False
+    collapse_floor: float | None = None
     summary: bool = False
 
     def __post_init__(self) -> None:
@@ -282,7 +286,7 @@ _BUILTIN = (
         "prompt_entropy",
         "how spread a prompt's tokens are (normalized Renyi entropy; lower = more compressed)",
         needs=(TOKENS,), per_prompt=_fused("prompt_entropy"), presets=_ALL, compressed_when="lower",
-        histogram=True, collapse_watched=True, summary=True,
+        histogram=True, summary=True,
     ),
     MetricSpec(
         "prompt_entropy_bimodality",
@@ -310,6 +314,7 @@ _BUILTIN = (
         "effective_rank",
         "RankMe effective rank of the pooled representations",
         needs=(POOLED,), presets=_ALL, compressed_when="lower", summary=True,
+        collapse_watched=True, collapse_floor=1.5,  # about one direction left
         compute=lambda s: _metrics().effective_rank(s.pooled),
     ),
     MetricSpec(

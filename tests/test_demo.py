@@ -55,6 +55,7 @@ def test_demo_trains_and_writes_a_run(tmp_path):
     run = layerwatch.read_run(logdir)
     assert run.steps.tolist() == [1, 2, 4, 8, 10, 20]
     assert run.layers == [0, 1, 2, 3, 4]
+    assert not [a for r in run.records for a in r.alerts if a.startswith("collapse")]  # a healthy run
     # What the user is told: where the logs are, how to view them, and the first -> last table.
     assert "tensorboard --logdir demo/layerwatch\n" in stdout  # relative to where the user ran the demo
     assert "Training loss" in stdout and "Checkpoints:" in stdout

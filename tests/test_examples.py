@@ -55,6 +55,7 @@ def test_training_example_writes_a_run(name, example_runs):
     assert len(run.records) >= 1
     assert run.steps.max() <= STEPS
     assert len(run.layers) >= 2 and "prompt_entropy" in run.metrics
+    assert not [a for r in run.records for a in r.alerts if a.startswith("collapse")]  # healthy runs never alarm
 
 
 @pytest.mark.skipif(

@@ -162,16 +162,17 @@ def test_final_probe_when_last_step_was_not_probed(tmp_path):
 
 
 def test_stop_on_collapse(tmp_path):
-    # A threshold above any normalized entropy makes the first probe raise a collapse alert.
+    # A threshold above any normalized entropy puts every probe at the floor: the second probe raises the alert.
     callback = LayerWatchCallback(
         every=2, num_prompts=4, metrics="light", collapse_threshold=2.0, stop_on_collapse=True
     )
     trainer = make_trainer(tmp_path, [callback], steps=6, save_strategy="no")
     trainer.train()
-    assert trainer.state.global_step == 1
+    assert trainer.state.global_step == 2
     run = layerwatch.read_run(tmp_path / "layerwatch")
-    assert run.steps.tolist() == [1]
-    assert any(alert.startswith("collapse") for alert in run.records[0].alerts)
+    assert run.steps.tolist() == [1, 2]
+    assert not run.records[0].alerts
+    assert any(alert.startswith("collapse") for alert in run.records[1].alerts)
 
 
 def word_tokenizer():

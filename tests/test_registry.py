@@ -86,7 +86,8 @@ def test_a_registered_metric_reaches_record_jsonl_tensorboard_read_run_alerts_an
     probe = _probe()
     counts = probe.attention_mask.sum(1).double().numpy()
     with LayerWatch(
-        probe, logdir=tmp_path, every=1, metrics=throwaway_metrics, batch_size=4, collapse_threshold=1000.0
+        probe, logdir=tmp_path, every=1, metrics=throwaway_metrics, batch_size=4, collapse_threshold=1000.0,
+        collapse_probes=1,
     ) as watch:
         records = [watch.run(model, step) for step in (1, 2)]
     assert all(record is not None for record in records)
@@ -152,7 +153,7 @@ def test_presets_and_flags_derive_from_the_declarations():
     assert METRIC_PRESETS["standard"] == METRIC_PRESETS["light"] + ("infonce", "dime", "lidar")
     assert METRIC_PRESETS["paper"] == METRIC_PRESETS["standard"]
     assert registry.histogram_metrics() == ("prompt_entropy", "curvature")
-    assert registry.collapse_metrics() == ("prompt_entropy", "dataset_entropy")
+    assert registry.collapse_metrics() == ("dataset_entropy", "effective_rank")
     assert registry.metrics_needing(HEALTH) == ("rms", "max_abs", "nonfinite")
     assert registry.metrics_needing(VIEWS) == ("infonce", "dime", "lidar")
     assert registry.resolve_metrics("paper") == ("paper", METRIC_PRESETS["paper"], 16)
