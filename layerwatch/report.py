@@ -423,12 +423,14 @@ def image_path(image_dir: Path, key: str, taken: Iterable[Path] = ()) -> Path:
 
 
 def _read(run_dir: Path) -> "Run":
-    from layerwatch.runs import read_run
+    from layerwatch.runs import SeveralRunsError, read_run
 
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a folder")
     try:
         run = read_run(run_dir)
+    except SeveralRunsError as error:
+        raise ReportError(str(error)) from error
     except (FileNotFoundError, ValueError) as error:
         raise ReportError(f"no layerwatch run in {run_dir}: {error}") from error
     if len(run.steps) == 0:

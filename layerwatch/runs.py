@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -15,6 +16,8 @@ from layerwatch import registry
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord
 from layerwatch.rundir import JSONL_NAME
 from layerwatch.sinks import read_jsonl_records
+
+logger = logging.getLogger(__name__)
 
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 
@@ -123,11 +126,59 @@ def _from_event_files(logdir: Path) -> Run:
     return Run(logdir, [], values, steps, layers)
 
 
+class SeveralRunsError(ValueError):
+    """A folder holds several runs; :func:`read_run` reads one run and never merges several.
+
+    Attributes:
+        runs: the run directories found, sorted.
+    """
+
+    def __init__(self, path: Path, runs: list[Path]) -> None:
+        self.runs = runs
+        listed = "\n".join(f"  {run}" for run in runs)
+        super().__init__(
+            f"{path} holds {len(runs)} layerwatch runs, and their steps would be mixed if read as one:\n{listed}\n"
+            "read one of them (read_run(<run>), layerwatch report <run>), or compare them (layerwatch report RUN_A "
+            "RUN_B ...)"
+        )
+
+
+_LAYER_FOLDER = re.compile(r"^layer_\d+$")
+
+
+def _has_layerwatch_scalars(event_file: Path) -> bool:
+    """Whether a TensorBoard event file holds layerwatch tags (read from its first MiB; others, e.g. the Trainer's
+    own logs, are not runs)."""
+    try:
+        with event_file.open("rb") as handle:
+            return f"{SCALAR_PREFIX}/".encode() in handle.read(1 << 20)
+    except OSError:
+        return False
+
+
+def find_runs(path: str | os.PathLike) -> list[Path]:
+    """The layerwatch runs in ``path`` and its subfolders, sorted: every folder holding ``layerwatch.jsonl``, and
+    every folder of layerwatch TensorBoard events outside those (a run's ``layer_<NN>/`` subfolders belong to it)."""
+    path = Path(path)
+    with_jsonl = {p.parent for p in path.rglob(JSONL_NAME) if p.is_file()}
+    tensorboard_only = set()
+    for event_file in path.rglob("events.out.tfevents.*"):
+        folder = event_file.parent
+        root = folder.parent if _LAYER_FOLDER.match(folder.name) and folder != path else folder
+        if root in with_jsonl or any(run in root.parents for run in with_jsonl) or root in tensorboard_only:
+            continue
+        if _has_layerwatch_scalars(event_file):
+            tensorboard_only.add(root)
+    return sorted(with_jsonl | tensorboard_only)
+
+
 def read_run(logdir: str | os.PathLike) -> Run:
     """Read a run directory written by layerwatch (training, Accelerate or ``layerwatch trajectory``).
 
     Reads ``layerwatch.jsonl`` when present (tolerating a truncated last line), otherwise the TensorBoard event
-    files (for example a run written by hand with ``SummaryWriter`` under the same tag names).
+    files (for example a run written by hand with ``SummaryWriter`` under the same tag names). Given a folder that
+    is not a run itself, it reads the one run found below it (``Run.logdir`` says which, and it is logged); several
+    runs are never merged: :class:`SeveralRunsError` lists them.
     """
     logdir = Path(logdir)
     if not logdir.is_dir():
@@ -135,6 +186,12 @@ def read_run(logdir: str | os.PathLike) -> Run:
     records = read_jsonl_records(logdir / JSONL_NAME)
     if records:
         return _from_records(logdir, records)
+    runs = find_runs(logdir)
+    if len(runs) > 1:
+        raise SeveralRunsError(logdir, runs)
+    if runs and runs[0] != logdir:
+        logger.info("%s is not a run itself; reading the one run in it, %s", logdir, runs[0])
+        return read_run(runs[0])
     return _from_event_files(logdir)
 
 

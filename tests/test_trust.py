@@ -295,3 +295,52 @@ def test_the_trainer_example_compresses_strongly_and_raises_no_collapse_alert(tm
     entropy = run.metric("dataset_entropy")
     assert (entropy[-1, 1:] < 0.5 * entropy[0, 1:]).any()  # strong compression happened
     assert _collapse_alerts(run.records) == []
+
+
+# ---------------------------------------------------------------------------------------------------- several runs
+
+
+def _write_run(logdir, *, layers, steps, jsonl=True, tensorboard=True):
+    model = tiny_model("gpt2", layers=layers - 1)
+    with LayerWatch(make_probe(views=0), logdir=logdir, metrics="light", jsonl=jsonl, tensorboard=tensorboard) as watch:
+        for step in steps:
+            watch.run(model, step)
+    return logdir
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "tensorboard-only"])
+def test_a_folder_with_several_runs_is_never_merged(tmp_path, kind, capsys):
+    from layerwatch import report
+    from layerwatch.runs import SeveralRunsError, find_runs
+
+    jsonl = kind == "jsonl"
+    live = _write_run(tmp_path / "out" / "layerwatch", layers=3, steps=[1, 2, 4], jsonl=jsonl)
+    post_hoc = _write_run(tmp_path / "out" / "layerwatch-trajectory", layers=4, steps=[2, 3], jsonl=jsonl)
+    (tmp_path / "out" / "runs").mkdir()  # the Trainer's own TensorBoard logs are not a layerwatch run
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "out" / "runs")) as writer:
+        writer.add_scalar("train/loss", 1.0, 1)
+    assert find_runs(tmp_path / "out") == [live, post_hoc]
+    with pytest.raises(SeveralRunsError) as caught:
+        layerwatch.read_run(tmp_path / "out")
+    assert str(live) in str(caught.value) and str(post_hoc) in str(caught.value)
+    assert caught.value.runs == [live, post_hoc]
+    # Each one reads on its own, with its own steps and layers.
+    assert layerwatch.read_run(live).steps.tolist() == [1, 2, 4] and len(layerwatch.read_run(live).layers) == 3
+    assert layerwatch.read_run(post_hoc).steps.tolist() == [2, 3] and len(layerwatch.read_run(post_hoc).layers) == 4
+    # The report refuses too, naming both, and writes nothing.
+    parser = __import__("argparse").ArgumentParser()
+    report.add_arguments(parser)
+    assert report.main(parser.parse_args([str(tmp_path / "out")])) == 2
+    err = capsys.readouterr().err
+    assert "2 layerwatch runs" in err and str(live) in err and str(post_hoc) in err
+    assert not (tmp_path / "out" / "report.html").exists()
+
+
+def test_a_folder_holding_one_run_reads_that_run_and_says_so(tmp_path, caplog):
+    run_dir = _write_run(tmp_path / "out" / "layerwatch", layers=3, steps=[1, 2])
+    with caplog.at_level(logging.INFO, logger="layerwatch"):
+        run = layerwatch.read_run(tmp_path / "out")
+    assert run.logdir == run_dir and run.steps.tolist() == [1, 2]
+    assert any(str(run_dir) in r.getMessage() for r in caplog.records)
