@@ -52,6 +52,7 @@ from layerwatch.augment import max_view_length
 from layerwatch.capture import max_positions, model_config
 from layerwatch.monitor import all_ranks_max
 from layerwatch.probe import PROBE_FILENAME
+from layerwatch.registry import resolve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,8 @@ class LayerWatchCallback(TrainerCallback):
             probe = self._from_dataset(dataset, tokenizer, model, origin)
         if self._start_step > 0 and source is not None and self._is_main and saved.is_file():
             try:
-                changed = Probe.load(saved).content_hash != probe.content_hash
+                views = resolve_metrics(self.watch_options["metrics"])[2]  # the views this preset feeds
+                changed = Probe.load(saved).series_hash(views) != probe.series_hash(views)
             except Exception:  # noqa: BLE001 - only a comparison
                 changed = False
             if changed:

@@ -124,6 +124,14 @@ def take_rows(
     return ids[:, :width], mask[:, :width]
 
 
+def _tensors_digest(digest: Any, tensors: dict[str, torch.Tensor]) -> str:
+    """Feed named tensors (name, shape, little-endian int64 bytes) to ``digest``; its hex digest."""
+    for name, tensor in tensors.items():
+        digest.update(f"\n{name}:{list(tensor.shape)}\n".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
 
@@ -309,10 +317,20 @@ class Probe:
         }
         digest.update(f"{PROBE_FORMAT}:{PROBE_FORMAT_VERSION}\n".encode())
         digest.update(json.dumps(settings, sort_keys=True).encode())
-        for name, tensor in self._named_tensors().items():
-            digest.update(f"\n{name}:{list(tensor.shape)}\n".encode())
-            digest.update(_tensor_bytes(tensor))
-        return digest.hexdigest()
+        return _tensors_digest(digest, self._named_tensors())
+
+    def series_hash(self, views: int) -> str:
+        """sha256 (hex) of what defines a series measured with ``views`` augmented views: the clean prompts and
+        views ``0..views-1`` (generated from the seed where this probe has fewer).
+
+        Resume and ``layerwatch trajectory`` compare this, not :attr:`content_hash`: views the metrics do not use
+        do not matter (the probe a ``metrics="paper"`` run saved has 16 views and continues a series of the same
+        prompts and seed given with 2), and with ``views=0`` (``metrics="light"``) neither do the seed and the
+        augmentation settings.
+        """
+        views = check_int(views, "views", minimum=0, hint=" (the number of augmented views the metrics use)")
+        digest = hashlib.sha256(f"layerwatch-series:{views}\n".encode())
+        return _tensors_digest(digest, self.with_views(views)._named_tensors())
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}

@@ -409,11 +409,14 @@ def load_tokenizer(candidates: Sequence[Path]) -> Any:
     )
 
 
-def _probe_hash(probe: "Probe") -> str | None:
+def _views_used(metrics: str | Sequence[str]) -> int:
+    """The augmented views the metrics feed (what, with the prompts, defines a series)."""
+    from layerwatch.registry import resolve_metrics
+
     try:
-        return str(probe.content_hash)
-    except Exception:  # noqa: BLE001
-        return None
+        return resolve_metrics(metrics)[2]
+    except ValueError as error:
+        raise TrajectoryError(f"--metrics: {error}") from error
 
 
 def _load_probe_file(path: Path) -> "Probe":
@@ -509,10 +512,12 @@ def run_trajectory(
     saved_probe = out / PROBE_FILENAME
     if saved_probe.is_file() and done:
         previous = _load_probe_file(saved_probe)
-        if _probe_hash(previous) != _probe_hash(probe_obj):
+        views = _views_used(metrics)  # compare the prompts and the views these metrics use, not the whole file
+        if previous.series_hash(views) != probe_obj.series_hash(views):
             raise TrajectoryError(
-                f"{out} already holds a run probed with a different probe ({saved_probe}); its values would not "
-                f"be comparable. Use another --out, or reuse that probe (--probe {saved_probe})."
+                f"{out} already holds a run probed with a different probe ({saved_probe}): other prompts, or other "
+                f"augmented views; its values would not be comparable. Use another --out, or reuse that probe "
+                f"(--probe {saved_probe})."
             )
 
     if pending:

@@ -344,3 +344,60 @@ def test_a_folder_holding_one_run_reads_that_run_and_says_so(tmp_path, caplog):
         run = layerwatch.read_run(tmp_path / "out")
     assert run.logdir == run_dir and run.steps.tolist() == [1, 2]
     assert any(str(run_dir) in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ resume, every preset
+
+
+def _trainer(out, callbacks, *, steps=4):
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(1, TINY_VOCAB, (32, 12), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3, save_steps=2,
+        save_strategy="steps", use_cpu=True, report_to="none", logging_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
+    )
+    return Trainer(model=tiny_model("gpt2", seed=0), args=args, callbacks=list(callbacks),
+                   train_dataset=[{"input_ids": row, "labels": row} for row in ids])
+
+
+@pytest.mark.parametrize("preset", ["light", "standard", "paper"])
+def test_resume_works_for_every_preset_with_the_trainer_and_trajectory(tmp_path, preset, caplog):
+    """The probe a run saves may hold more views than the one the user passes (16 for "paper"): the series is the
+    prompts and the views the preset uses, so resuming (Trainer) and continuing (trajectory) work, silently."""
+    from layerwatch.integrations.hf_trainer import LayerWatchCallback
+    from layerwatch.trajectory import TrajectoryError, run_trajectory
+
+    probe = make_probe(views=2)  # what Probe.from_texts gives by default
+    out = tmp_path / "out"
+
+    def callback():
+        return LayerWatchCallback(every=2, probe=probe, metrics=preset, batch_size=8)
+
+    _trainer(out, [callback()]).train()
+    saved = layerwatch.Probe.load(out / "layerwatch" / "probe.safetensors")
+    assert len(saved.views) == {"light": 2, "standard": 2, "paper": 16}[preset]
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        _trainer(out, [callback()]).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert not [r for r in caplog.records if "differs" in r.getMessage()], caplog.text
+    assert layerwatch.read_run(out / "layerwatch").steps.tolist() == [1, 2, 4]
+
+    trajectory = tmp_path / "trajectory"
+    first = run_trajectory([out / "checkpoint-2"], probe=probe, out=trajectory, metrics=preset)
+    assert first.steps.tolist() == [2]
+    assert len(layerwatch.Probe.load(trajectory).views) == len(saved.views)
+    again = run_trajectory([out], probe=probe, out=trajectory, metrics=preset)  # continue its own output
+    assert again.steps.tolist() == [2, 4]
+    # What does define the series still counts: other prompts are refused; another seed only where views are used.
+    with pytest.raises(TrajectoryError, match="different probe"):
+        run_trajectory([out], probe=make_probe(views=2, seed=5), out=trajectory, metrics=preset)
+    reseeded = layerwatch.Probe.from_tensors(probe.input_ids, probe.attention_mask, vocab_size=TINY_VOCAB, seed=9)
+    (tmp_path / "more").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "more" / name).write_bytes((out / "checkpoint-4" / name).read_bytes())
+    if preset == "light":
+        assert run_trajectory([tmp_path / "more"], probe=reseeded, out=trajectory, metrics=preset, steps=[6]).steps[-1] == 6
+    else:
+        with pytest.raises(TrajectoryError, match="different probe"):
+            run_trajectory([tmp_path / "more"], probe=reseeded, out=trajectory, metrics=preset, steps=[6])
