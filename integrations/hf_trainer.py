@@ -13,7 +13,9 @@ What the callback does, event by event:
   logdir defaults to ``<output_dir>/layerwatch``, a stable folder, so a run resumed from a checkpoint continues the
   same series: when ``state.global_step > 0`` the monitor is told ``resume_step=global_step``, which drops the JSONL
   records the interrupted run wrote after that checkpoint and makes TensorBoard hide its later events
-  (``purge_step``). A run that starts from step 0 in a folder holding an older run replaces that run's records.
+  (``purge_step``). A run that starts from step 0 in a folder holding a finished run moves that run to
+  ``<logdir>.previous-<time>`` (never deleted; a warning says where); a folder another process is still writing
+  is refused.
 - ``on_step_end`` (every rank): when the schedule says so, probes ``kwargs["model"]`` at step ``state.global_step``:
   the object the Trainer's own evaluation calls (the unwrapped model under DDP, the FSDP root, ``engine.module``
   under DeepSpeed), on every rank, because sharded models need every rank in every forward. Only world process zero
@@ -148,8 +150,9 @@ class LayerWatchCallback(TrainerCallback):
         options = dict(self.watch_options)
         if not self._is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
             options["sinks"] = None
-        # Resuming keeps the records up to the checkpoint's step; a run from step 0 replaces an older run's
-        # records in the same folder (resume_step=-1: JSONL records with step >= 0 dropped, TensorBoard purged).
+        # Resuming keeps the records up to the checkpoint's step; a run from step 0 is a fresh run (resume_step=-1):
+        # a finished run in the same folder moves to <logdir>.previous-<time> (layerwatch.rundir), never deleted,
+        # and a live writer there refuses it.
         resume_step = self._start_step if self._start_step > 0 else -1
         self.watch = LayerWatch(
             probe,

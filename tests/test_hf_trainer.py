@@ -131,12 +131,14 @@ def test_resume_from_checkpoint_continues_the_series(runs, tmp_path):
     assert steps == [1, 2, 4, 6]
 
 
-def test_fresh_run_in_same_folder_replaces_old_records(tmp_path):
+def test_fresh_run_in_same_folder_starts_a_new_series_and_keeps_the_old_one(tmp_path):
     callback = LayerWatchCallback(every=2, num_prompts=4, metrics="light")
     for _ in range(2):
         make_trainer(tmp_path, [callback], steps=2, save_strategy="no").train()
     assert layerwatch.read_run(tmp_path / "layerwatch").steps.tolist() == [1, 2]
     assert scalar_steps(tmp_path / "layerwatch")[0] == [1, 2]
+    kept = list(tmp_path.glob("layerwatch.previous-*"))  # the finished first run, moved aside, not deleted
+    assert len(kept) == 1 and layerwatch.read_run(kept[0]).steps.tolist() == [1, 2]
 
 
 class StopAt(TrainerCallback):

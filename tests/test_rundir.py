@@ -68,7 +68,7 @@ def test_open_sinks_writes_the_run_files_and_claims_the_directory(tmp_path):
     sinks = open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
     assert [type(s) for s in sinks] == [JsonlSink, TensorBoardSink, WriterClaim]
     assert (tmp_path / PROBE_FILENAME).is_file() and (tmp_path / JSONL_NAME).is_file()
-    with pytest.raises(ValueError, match="already has a live layerwatch TensorBoard writer"):
+    with pytest.raises(ValueError, match="already has a live layerwatch writer in this process"):
         open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
     for sink in sinks:
         sink.close()

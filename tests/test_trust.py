@@ -401,3 +401,88 @@ def test_resume_works_for_every_preset_with_the_trainer_and_trajectory(tmp_path,
     else:
         with pytest.raises(TrajectoryError, match="different probe"):
             run_trajectory([tmp_path / "more"], probe=reseeded, out=trajectory, metrics=preset, steps=[6])
+
+
+# ------------------------------------------------------------------------------------------ one live writer, no loss
+
+_HOLDER = r"""
+import sys, os, torch
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))
+import layerwatch
+from layerwatch.monitor import LayerWatch
+from models import TINY_VOCAB
+ids = torch.randint(1, TINY_VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+watch = LayerWatch(layerwatch.Probe.from_tensors(ids, vocab_size=TINY_VOCAB, views=0), logdir=sys.argv[1],
+                   metrics="light")
+print("READY", os.getpid(), flush=True)
+sys.stdin.read()  # hold the directory until the parent closes our stdin (or kills us)
+watch.close()
+"""
+
+
+def _start_holder(logdir):
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(logdir)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    line = child.stdout.readline()
+    assert line.startswith("READY"), line
+    return child, int(line.split()[1])
+
+
+def test_a_second_process_is_refused_while_the_first_writes_and_takes_over_a_stale_lock(tmp_path, caplog):
+    import signal
+    import socket
+
+    logdir = tmp_path / "run"
+    child, pid = _start_holder(logdir)
+    try:
+        model = tiny_model("gpt2")
+        # A fresh Trainer-style start (resume_step=-1) used to truncate the live run's records: now it is refused.
+        for options in ({}, {"resume_step": -1}, {"tensorboard": False}):
+            with pytest.raises(ValueError) as caught:
+                LayerWatch(make_probe(), logdir=logdir, **options)
+            message = str(caught.value)
+            assert str(logdir) in message and f"pid {pid}" in message and socket.gethostname() in message
+        child.kill()  # a writer that dies without closing: its lock is stale
+        child.wait()
+        with caplog.at_level(logging.WARNING, logger="layerwatch"):
+            watch = LayerWatch(make_probe(), logdir=logdir, metrics="light")
+        assert any("gone" in r.getMessage() and f"pid {pid}" in r.getMessage() for r in caplog.records)
+        assert watch.run(model, 1) is not None
+        watch.close()
+        assert not (logdir / "layerwatch.lock").exists()  # released on close
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+
+
+def test_a_writer_that_closes_hands_the_directory_over(tmp_path):
+    logdir = tmp_path / "run"
+    child, _ = _start_holder(logdir)
+    child.stdin.close()  # the child closes its LayerWatch and exits
+    child.wait()
+    LayerWatch(make_probe(), logdir=logdir).close()
+
+
+def test_a_fresh_run_over_a_finished_run_keeps_it_under_a_clear_name(tmp_path, caplog):
+    logdir = tmp_path / "out" / "layerwatch"
+    model = tiny_model("gpt2")
+    with LayerWatch(make_probe(), logdir=logdir, metrics="light") as watch:
+        for step in (1, 2, 4):
+            watch.run(model, step)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        with LayerWatch(make_probe(), logdir=logdir, metrics="light", resume_step=-1) as watch:  # start over
+            watch.run(model, 1)
+    kept = sorted((tmp_path / "out").glob("layerwatch.previous-*"))
+    assert len(kept) == 1
+    assert layerwatch.read_run(kept[0]).steps.tolist() == [1, 2, 4]  # nothing deleted
+    assert list(kept[0].glob("events.out.tfevents.*")) and (kept[0] / "probe.safetensors").is_file()
+    assert layerwatch.read_run(logdir).steps.tolist() == [1]
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+    warning = [r.getMessage() for r in caplog.records if "finished run" in r.getMessage()]
+    assert len(warning) == 1 and str(kept[0]) in warning[0] and "nothing was deleted" in warning[0]
