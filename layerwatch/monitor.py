@@ -41,7 +41,7 @@ from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, Toke
 from layerwatch.record import ProbeRecord
 from layerwatch.schedule import ProbeSchedule
 from layerwatch.rundir import open_sinks
-from layerwatch.sinks import Sink
+from layerwatch.sinks import Sink, SinkGroup
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class LayerWatch:
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # by identity, forgotten when freed
         self._last_call: tuple[int, float] | None = None
         self._seconds_per_step: float | None = None
-        self._sinks: list[Sink] = []
+        self._sinks = SinkGroup(strict=strict)
         if resume_step is not None:  # the same on every rank, so all ranks keep probing at the same steps
             self.schedule.last_step = resume_step
         if self.is_main_process:
@@ -266,14 +266,14 @@ class LayerWatch:
                 raise TypeError(
                     f"sinks= holds {sink!r}, which has no write(record) and close() methods; subclass layerwatch.sinks.Sink"
                 )
-        self._sinks = extra
+        self._sinks.add(*extra)
         if self.logdir is not None:
-            self._sinks += open_sinks(self.logdir, self.probe, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step)
+            self._sinks.add(*open_sinks(self.logdir, self.probe, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step))
 
     def add_sink(self, sink: Sink) -> None:
         """Send future records to ``sink`` too (main process only)."""
         if self.is_main_process:
-            self._sinks.append(sink)
+            self._sinks.add(sink)
 
     # ------------------------------------------------------------------------------------------- schedule
     def should_probe(self, step: int) -> bool:
@@ -329,8 +329,15 @@ class LayerWatch:
                 raise
         finally:
             self.schedule.mark_probed(step)
+        if record is not None and self.is_main_process:
+            self._sinks.write(record)  # a sink that fails is counted in sink_error_count, not as a failed probe
         self._stretch_schedule(time.perf_counter() - started)
         return record
+
+    @property
+    def sink_error_count(self) -> int:
+        """How many times a sink failed (a full or read-only disk, ...); each failed sink is closed and dropped."""
+        return self._sinks.error_count
 
     def _report_failure(self, step: int, error: BaseException) -> None:
         self.error_count += 1
@@ -342,13 +349,7 @@ class LayerWatch:
                 "in layerwatch/errors without a warning (strict=True raises instead)", step, kind, error, kind,
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
-        for sink in self._sinks:
-            write_errors = getattr(sink, "write_errors", None)
-            if write_errors is not None:
-                try:
-                    write_errors(step, self.error_count)
-                except Exception:  # pragma: no cover - a broken sink must not kill training either
-                    logger.debug("sink %r failed to record the error count", sink, exc_info=True)
+        self._sinks.write_errors(step, self.error_count)
 
     def _stretch_schedule(self, probe_seconds: float) -> None:
         if self.schedule.max_overhead is None or self._seconds_per_step is None:
@@ -478,9 +479,6 @@ class LayerWatch:
             alerts=alerts,
             settings=self._settings(world),
         )
-        if self.is_main_process:
-            for sink in self._sinks:
-                sink.write(record)
         return record
 
     def _settings(self, world: int) -> dict[str, Any]:
@@ -510,9 +508,7 @@ class LayerWatch:
 
     def close(self) -> None:
         """Flush and close every sink. Safe to call twice."""
-        sinks, self._sinks = self._sinks, []
-        for sink in sinks:
-            sink.close()
+        self._sinks.close()
 
     def __enter__(self) -> "LayerWatch":
         return self

@@ -139,6 +139,8 @@ class WriterClaim(Sink):
             f"first (a writer that crashed releases {LOCK_NAME} by itself)"
         )
 
+    role = "claim"
+
     def write(self, record: ProbeRecord) -> None:
         """Nothing: the claim only lives as long as the run's other sinks."""
 

@@ -42,6 +42,81 @@ class Sink:
     def close(self) -> None:
         """Flush and release what the sink holds (safe to call twice)."""
 
+    #: "record" (default): writes records somewhere; "run-file": writes a file of the run directory; "claim": holds
+    #: the run directory (released when no "run-file" sink is left, see :class:`SinkGroup`).
+    role = "record"
+
+
+class SinkGroup:
+    """A monitor's sinks. A sink that raises (a full or read-only disk, a tracker gone) is counted in
+    :attr:`error_count`, warned about once, closed and dropped; the other sinks keep writing and nothing reaches the
+    training loop, unless ``strict``. A sink failing is never a failed probe. When no sink writes the run directory
+    any more, its claim (the one-writer lock) is released too.
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
+        self.sinks: list[Sink] = []
+        self.strict = strict
+        self.error_count = 0
+
+    def add(self, *sinks: Sink) -> None:
+        """Send future records to ``sinks`` too."""
+        self.sinks.extend(sinks)
+
+    def write(self, record: ProbeRecord) -> None:
+        """``write(record)`` on every live sink."""
+        for sink in list(self.sinks):
+            self._guard(sink, "write", record.step, lambda: sink.write(record))
+
+    def write_errors(self, step: int, total_errors: int) -> None:
+        """``write_errors`` on every live sink that has it."""
+        for sink in list(self.sinks):
+            write_errors = getattr(sink, "write_errors", None)
+            if write_errors is not None:
+                self._guard(sink, "write_errors", step, lambda: write_errors(step, total_errors))
+
+    def close(self) -> None:
+        """Close every sink; a failure is counted and warned about (raised afterwards when ``strict``)."""
+        sinks, self.sinks = self.sinks, []
+        failure: Exception | None = None
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as error:  # noqa: BLE001 - closing must reach every sink
+                self._warn(sink, "close", None, error)
+                failure = failure or error
+        if failure is not None and self.strict:
+            raise failure
+
+    def _guard(self, sink: Sink, what: str, step: int, call) -> None:
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - a sink must not kill training
+            self._warn(sink, what, step, error)
+            self._drop(sink)
+            if self.strict:
+                raise
+
+    def _warn(self, sink: Sink, what: str, step: int | None, error: Exception) -> None:
+        self.error_count += 1
+        at = "" if step is None else f" at step {step}"
+        logger.warning(
+            "layerwatch: the %s sink failed in %s%s (%s: %s); it is closed and gets no further records. The probes go "
+            "on and the other sinks keep writing; this is not a failed probe (strict=True raises instead)",
+            type(sink).__name__, what, at, type(error).__name__, error,
+        )
+
+    def _drop(self, sink: Sink) -> None:
+        self.sinks.remove(sink)
+        try:
+            sink.close()
+        except Exception:  # noqa: BLE001 - it already failed; closing is best effort
+            logger.debug("closing the failed sink %r failed too", sink, exc_info=True)
+        if not any(getattr(s, "role", "record") == "run-file" for s in self.sinks):
+            for claim in [s for s in self.sinks if getattr(s, "role", "record") == "claim"]:
+                self.sinks.remove(claim)
+                claim.close()  # nothing writes the run directory any more: another writer may have it
+
 
 def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
     """Records of a JSONL file in file order, skipping lines that do not parse (a crash mid-write truncates the last)."""
@@ -69,6 +144,8 @@ class JsonlSink(Sink):
             the checkpoint by the interrupted run) are dropped so the series has no duplicate steps. A truncated
             last line is dropped too.
     """
+
+    role = "run-file"
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
         self.path = Path(path)
@@ -149,6 +226,8 @@ class TensorBoardSink(Sink):
             hidden by TensorBoard (``SummaryWriter(purge_step=...)``).
         history: records already in the run (on resume), so heatmaps show the whole series.
     """
+
+    role = "run-file"
 
     def __init__(
         self, logdir: str | os.PathLike, *, purge_step: int | None = None, history: list[ProbeRecord] | None = None

@@ -1,6 +1,7 @@
 """Trustworthy runs (issue 13): nothing lost, nothing wrong, training never harmed. One test (or more) per class."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -486,3 +487,102 @@ def test_a_fresh_run_over_a_finished_run_keeps_it_under_a_clear_name(tmp_path, c
     assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
     warning = [r.getMessage() for r in caplog.records if "finished run" in r.getMessage()]
     assert len(warning) == 1 and str(kept[0]) in warning[0] and "nothing was deleted" in warning[0]
+
+
+# ------------------------------------------------------------------------------------------------------ disk faults
+
+
+class _BrokenDisk(layerwatch.sinks.Sink):
+    """A sink whose disk went bad: every write raises the OSError of a full (ENOSPC) or read-only (EROFS) disk."""
+
+    def __init__(self, code=None):
+        import errno
+
+        self.code = errno.ENOSPC if code is None else code
+        self.closed = False
+
+    def write(self, record):
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+def test_a_failing_sink_is_counted_apart_from_probe_failures_and_never_raises(tmp_path, caplog, code):
+    import errno
+
+    model = tiny_model("gpt2")
+    broken = _BrokenDisk(getattr(errno, code))
+    watch = LayerWatch(make_probe(), logdir=tmp_path / "run", metrics="light", sinks=[broken], every=1)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        records = [watch.step(model, step) for step in (1, 2, 3)]
+    watch.close()
+    assert all(r is not None for r in records)  # the probes computed fine: not failed probes
+    assert watch.error_count == 0 and watch.sink_error_count == 1 and broken.closed
+    warnings = [r.getMessage() for r in caplog.records if "sink" in r.getMessage()]
+    assert len(warnings) == 1 and "_BrokenDisk" in warnings[0] and os.strerror(broken.code) in warnings[0]
+    assert layerwatch.read_run(tmp_path / "run").steps.tolist() == [1, 2, 3]  # the other sinks kept writing
+    strict = LayerWatch(make_probe(), logdir=None, metrics="light", sinks=[_BrokenDisk(broken.code)], strict=True)
+    with pytest.raises(OSError, match=os.strerror(broken.code)):
+        strict.run(model, 1)
+
+
+def _mount_tmpfs(path, size):
+    import subprocess
+
+    path.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+def _unmount(path):
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_logdir_mid_run_never_reaches_trainer_train(tmp_path, caplog):
+    """A real tiny tmpfs (needs root; else skipped: the simulated OSError test above covers the same path) fills up
+    in the middle of a Trainer run. (A read-only remount is refused while files are open for writing, so the
+    read-only case is the simulated EROFS above.)"""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from layerwatch.integrations.hf_trainer import LayerWatchCallback
+
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "2m"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        class Fault(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step != 3:
+                    return
+                with open(disk / "filler", "wb") as handle:
+                    try:
+                        while True:
+                            handle.write(b"\0" * 65536)
+                            handle.flush()
+                    except OSError:
+                        pass
+
+        ids = torch.randint(1, TINY_VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
+        dataset = [{"input_ids": row, "labels": row} for row in ids]
+        watcher = LayerWatchCallback(every=2, probe=make_probe(views=0), metrics="light", logdir=str(disk / "run"))
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, per_device_train_batch_size=4,
+                                 use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
+                                 disable_tqdm=True, dataloader_num_workers=0)
+        trainer = Trainer(model=tiny_model("gpt2"), args=args, train_dataset=dataset, callbacks=[Fault(), watcher])
+        with caplog.at_level(logging.WARNING, logger="layerwatch"):
+            trainer.train()  # must not raise
+        assert trainer.state.global_step == 8
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("sink" in m and "No space left" in m for m in messages), messages
+        assert not any("probe at step" in m and "failed" in m for m in messages)  # no probe counted as failed
+        steps = layerwatch.read_run(disk / "run").steps.tolist()
+        assert steps[:2] == [1, 2]  # what was written before the fault is intact
+        assert not (disk / "run" / "layerwatch.lock").exists()
+        # The guard was released: a new run works in the same process (another directory, and this one).
+        LayerWatch(make_probe(), logdir=tmp_path / "elsewhere").close()
+    finally:
+        _unmount(disk)
