@@ -289,13 +289,15 @@ class LayerWatchCallback(TrainerCallback):
         )
 
     def _max_length(self, model: Any) -> int:
-        """``max_length``, or 128, capped so the longest augmented view still fits the model's positions."""
+        """``max_length``, or 128, capped so the prompt (and, for metrics that use them, its longest augmented view)
+        fits the model's positions."""
         wanted = self.max_length if self.max_length is not None else DEFAULT_MAX_LENGTH
         positions = max_positions(model) if model is not None else None
         if positions is None:
             return wanted
         fitting = positions  # the longest prompt whose augmented views (which insert tokens) still fit
-        while fitting > 1 and max_view_length(fitting) > positions:
+        uses_views = resolve_metrics(self.watch_options["metrics"])[2] > 0  # metrics="light" feeds no views
+        while uses_views and fitting > 1 and max_view_length(fitting) > positions:
             fitting -= 1
         if fitting < wanted:
             if self.max_length is not None:

@@ -262,6 +262,11 @@ def test_max_length_is_capped_to_fit_the_models_positions(tmp_path, caplog):
         probe = begin(LayerWatchCallback(num_prompts=4, max_length=16), tmp_path, train=train, model=model)
     assert probe.max_length() <= 16
     assert "lowered" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # metrics="light" feeds no views: the prompts keep their 16 tokens
+        probe = begin(LayerWatchCallback(num_prompts=4, max_length=16, metrics="light"), tmp_path / "light",
+                      train=train, model=model)
+    assert int(probe.attention_mask.sum(1).max()) == 16 and "lowered" not in caplog.text
 
 
 @pytest.mark.parametrize(
