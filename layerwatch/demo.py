@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwatch.runs import summary_table
-from layerwatch.rundir import PROBE_FILENAME
+from layerwatch.rundir import PROBE_FILENAME, WriterClaim
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +349,12 @@ def _prepare_output_dir(out: Path, *, overwrite: bool) -> bool:
                 file=sys.stderr,
             )
             return False
+        if (out / "layerwatch").is_dir():  # never delete a demo that is still running
+            try:
+                WriterClaim(out / "layerwatch").close()
+            except ValueError as error:
+                print(f"layerwatch demo: {error}", file=sys.stderr)
+                return False
         print(f"layerwatch demo: replacing the previous output in {out}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -586,3 +586,24 @@ def test_a_full_logdir_mid_run_never_reaches_trainer_train(tmp_path, caplog):
         LayerWatch(make_probe(), logdir=tmp_path / "elsewhere").close()
     finally:
         _unmount(disk)
+
+
+def test_the_demo_never_replaces_an_output_that_is_still_being_written(tmp_path):
+    import subprocess
+    import sys
+
+    from layerwatch.demo import MARKER_FILE
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / MARKER_FILE).write_text("")  # a previous demo's output, which the demo may replace...
+    child, pid = _start_holder(out / "layerwatch")  # ...but that demo is still writing
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        done = subprocess.run([sys.executable, "-m", "layerwatch.cli", "demo", "--out", str(out), "--steps", "1"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 2 and f"pid {pid}" in done.stderr, done.stderr
+        assert (out / "layerwatch" / "layerwatch.jsonl").exists() and (out / MARKER_FILE).exists()
+    finally:
+        child.kill()
+        child.wait()
