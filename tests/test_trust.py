@@ -607,3 +607,31 @@ def test_the_demo_never_replaces_an_output_that_is_still_being_written(tmp_path)
     finally:
         child.kill()
         child.wait()
+
+
+def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
+    """The disk fills up under an open monitor: its JSONL and TensorBoard sinks die, and with them its claim on the
+    directory, so (space freed) a new monitor can take the directory in the same process."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        model = tiny_model("gpt2")
+        watch = LayerWatch(make_probe(), logdir=disk / "run", metrics="light")
+        assert watch.run(model, 1) is not None
+        with open(disk / "filler", "wb") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+        for step in range(2, 6):
+            assert watch.run(model, step) is not None  # the probes still compute
+        assert watch.error_count == 0 and watch.sink_error_count >= 2
+        assert not (disk / "run" / "layerwatch.lock").exists()
+        (disk / "filler").unlink()
+        LayerWatch(make_probe(), logdir=disk / "run", metrics="light").close()  # not refused: the claim is gone
+        watch.close()
+    finally:
+        _unmount(disk)
