@@ -130,7 +130,7 @@ def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
                 continue
             try:
                 records.append(ProbeRecord.from_json(line))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):  # a damaged or crafted line
                 logger.warning("%s: skipping unreadable line %d (a run interrupted mid-write?)", path, number)
     return records
 

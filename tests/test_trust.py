@@ -635,3 +635,19 @@ def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
         watch.close()
     finally:
         _unmount(disk)
+
+
+def test_crafted_jsonl_lines_are_skipped_not_a_traceback(tmp_path, capsys):
+    from layerwatch import report
+
+    run_dir = tmp_path / "run"
+    with LayerWatch(make_probe(), logdir=run_dir, metrics="light") as watch:
+        watch.run(tiny_model("gpt2"), 1)
+    with open(run_dir / "layerwatch.jsonl", "a") as handle:
+        handle.write('{"step": 2, "layers": [0], "metrics": [1, 2]}\n')  # metrics must be an object
+        handle.write('{"step": 3, "layers": "abc", "metrics": {}}\n')
+        handle.write('[1, 2, 3]\n')
+    assert layerwatch.read_run(run_dir).steps.tolist() == [1]
+    parser = __import__("argparse").ArgumentParser()
+    report.add_arguments(parser)
+    assert report.main(parser.parse_args([str(run_dir)])) == 0
