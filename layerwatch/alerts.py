@@ -25,7 +25,8 @@ SINK_METRIC = "massive_activation"
 
 def sink_layers(layers: list[int], metrics: dict[str, list[float]]) -> set[int]:
     """Layers carrying an attention sink: ``massive_activation`` (the largest token norm over the median one, per
-    prompt, aggregated over prompts) at least ``SINK_NORM_RATIO``. Empty when the record has no such metric."""
+    prompt, averaged over prompts) at least :data:`layerwatch.metrics.SINK_NORM_RATIO`. Empty when the record has
+    no such metric (a custom metric list without it: then no layer is excused)."""
     from layerwatch.metrics import SINK_NORM_RATIO
 
     return {
