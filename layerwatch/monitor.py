@@ -1,24 +1,28 @@
-"""The monitor: ``LayerWatch`` runs the probe, captures every layer, computes the metrics and writes the record.
+"""The monitor: ``LayerWatch`` decides when to probe and runs one probe, top to bottom.
 
-Path of the data (one probe)::
+Path of the data (one probe, :meth:`LayerWatch.run` -> ``_probe``)::
 
-    isolated(model)                      eval + no_grad, RNG forked, flags restored, eager, FSDP2 resharded
-      for each pass (clean batch, then each augmented view), for each micro-batch of this rank's rows:
-        model(**batch)  ->  hooks deliver layer 0..L one at a time  ->  reduced at once to per-prompt values,
-                                                                        pooled [B, D] rows and health sums
-    agree on errors across ranks, then one all_reduce of the packed buffers
-    set-level metrics on the pooled [L+1, M, D] (and views [L+1, M, Q, D])  ->  ProbeRecord  ->  sinks (main rank)
+    _validate                     the model can take the probe (vocabulary, positions); once per model
+    Collector(metrics, probe)     buffers for what the selected metrics need (layerwatch.collect, from the registry)
+    isolated(model)               eval + no_grad, RNG forked, flags restored, eager, FSDP2 resharded
+      for each micro-batch of this rank's rows, pass by pass (clean batch, then each augmented view):
+        model(**inputs)  ->  hooks deliver layer 0..L one at a time  ->  Collector.on_layer reduces each at once
+    Collector.reduce_across_ranks agree on errors, then one packed all-reduce per kind (sum, max)
+    set_level_metrics             per-layer values, a pure function of the reduced buffers
+    ProbeRecord + alerts          ->  sinks (main rank; layerwatch.rundir opens those of the run directory)
+
+The schedule (:class:`layerwatch.schedule.ProbeSchedule`) says when; :attr:`LayerWatch.last_outcome` says what the
+last :meth:`~LayerWatch.step` or :meth:`~LayerWatch.run` call did.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-import math
 import os
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +30,25 @@ import torch
 from torch import nn
 
 from layerwatch import metrics as M
+from layerwatch import registry
 from layerwatch._version import __version__
 from layerwatch.alerts import AlertTracker
-from layerwatch.capture import (
-    CaptureError,
-    LayerHooks,
-    isolated,
-    model_device,
-)
-from layerwatch import registry
+from layerwatch.capture import LayerHooks, isolated, model_device
+from layerwatch.collect import Collector, ProbeError, all_ranks_max, distributed, passes, set_level_metrics
 from layerwatch.model_facts import ModelFacts, model_facts
-from layerwatch.probe import Probe, take_rows
-from layerwatch.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, resolve_metrics
+from layerwatch.probe import Probe
 from layerwatch.record import ProbeRecord
-from layerwatch.schedule import ProbeSchedule
+from layerwatch.registry import resolve_metrics
 from layerwatch.rundir import open_sinks
-from layerwatch.sinks import Sink, SinkGroup
+from layerwatch.schedule import ProbeSchedule, TrainingPace
+from layerwatch.sinks import Sink, SinkGroup, check_sinks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerWatch", "ProbeRecord", "ProbeError", "METRIC_PRESETS", "ALL_METRICS", "resolve_metrics"]
+__all__ = [
+    "LayerWatch", "ProbeRecord", "ProbeError", "ProbeOutcome", "METRIC_PRESETS", "ALL_METRICS", "resolve_metrics",
+    "all_ranks_max",
+]
 
 # Derived aliases of the built-in metrics (the registry, layerwatch.registry, is the live source).
 METRIC_PRESETS: dict[str, tuple[str, ...]] = registry.metric_presets()
@@ -74,88 +77,26 @@ def check_memory_budget(num_prompts: int, metric_names: Sequence[str], budget: i
         )
 
 
-class ProbeError(RuntimeError):
-    """A probe failed (on this rank or on another one)."""
+class ProbeOutcome(str, enum.Enum):
+    """What the last :meth:`LayerWatch.step` / :meth:`LayerWatch.run` call did (compares equal to its value)."""
+
+    NOT_DUE = "not due"  # step(): the schedule did not call for a probe at this step
+    PROBED = "probed"  # a record was made
+    FAILED = "failed"  # the probe failed (logged and counted in layerwatch/errors; strict=True raises)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_ranks_max(value: float) -> float:
-    """The largest ``value`` over all ranks (itself outside torch.distributed). A collective: call it on every rank."""
-    rank, world = _distributed()
-    if world == 1:
-        return value
-    device = torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    tensor = torch.tensor([float(value)], device=device)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return float(tensor.item())
-
-
-@dataclass
-class _Batch:
-    """What the hooks need to know about the micro-batch being forwarded."""
-
-    pass_index: int  # -1 = the clean batch, k >= 0 = augmented view k
-    rows: torch.Tensor  # global prompt indices of the real rows
-    real: torch.Tensor  # [b] bool: False for rows that only pad this rank's shard
-    mask: torch.Tensor  # [b, T] bool
-
-
-class _Buffers:
-    """Per-probe accumulators, filled by the hooks; each rank writes only its own rows so a SUM reduces them."""
-
-    def __init__(self, layers: int, prompts: int, views: int, names: Sequence[str]):
-        self.shape = (layers, prompts, views)
-        specs = [REGISTRY[name] for name in names]
-        token_names = [s.name for s in specs if s.per_prompt is not None] + [u for s in specs for u in s.uses]
-        self.token_names = tuple(dict.fromkeys(token_names))  # per-prompt buffers, one per token metric
-        self.need_pooled = any(POOLED in s.needs for s in specs)
-        self.need_health = any(HEALTH in s.needs for s in specs)
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.max_abs: torch.Tensor | None = None
-
-    def allocate(self, width: int, device: torch.device) -> None:
-        layers, prompts, views = self.shape
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float32, device=device)  # noqa: E731
-        for name in self.token_names:
-            self.tensors[f"per_prompt/{name}"] = zeros(layers, prompts)
-        if self.need_health:
-            self.tensors["health"] = zeros(layers, 3)  # sum of squares, finite count, non-finite count
-            self.max_abs = zeros(layers)
-        if self.need_pooled:
-            self.tensors["pooled"] = zeros(layers, prompts, width)
-        if views:
-            self.tensors["views"] = zeros(layers, prompts, views, width)
-
-    def per_prompt(self, name: str) -> torch.Tensor:
-        return self.tensors[f"per_prompt/{name}"]
-
-    def set_inputs(self, alpha: float, seed: int) -> SetInputs:
-        return SetInputs(
-            per_prompt={name: self.per_prompt(name) for name in self.token_names},
-            pooled=self.tensors.get("pooled"),
-            views=self.tensors.get("views"),
-            health=self.tensors.get("health"),
-            max_abs=self.max_abs,
-            alpha=alpha,
-            seed=seed,
+def _check_arguments(probe: Any, alpha: Any, batch_size: Any, collapse_probes: Any) -> None:
+    if not isinstance(probe, Probe):
+        raise TypeError(
+            f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
+            "Probe.from_tensors or Probe.from_dataset"
         )
-
-    def pack(self) -> torch.Tensor:
-        return torch.cat([t.flatten() for t in self.tensors.values()])
-
-    def unpack(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for name, tensor in self.tensors.items():
-            self.tensors[name] = flat[offset : offset + tensor.numel()].view_as(tensor)
-            offset += tensor.numel()
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
+    if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
+        raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
 
 
 class LayerWatch:
@@ -212,17 +153,7 @@ class LayerWatch:
         seed: int = 0,
         memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
     ) -> None:
-        if not isinstance(probe, Probe):
-            raise TypeError(
-                f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
-                "Probe.from_tensors or Probe.from_dataset"
-            )
-        if not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
-        if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
-            raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
+        _check_arguments(probe, alpha, batch_size, collapse_probes)
         self.schedule = ProbeSchedule(
             every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
         )
@@ -241,10 +172,10 @@ class LayerWatch:
         self.alerts = AlertTracker(collapse_threshold=collapse_threshold, collapse_probes=collapse_probes)
         self.logdir = Path(logdir) if logdir is not None else None
         self.error_count = 0
+        self.last_outcome: ProbeOutcome | None = None
         self._warned_kinds: set[str] = set()
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # by identity, forgotten when freed
-        self._last_call: tuple[int, float] | None = None
-        self._seconds_per_step: float | None = None
+        self._pace = TrainingPace()
         self._sinks = SinkGroup(strict=strict)
         if resume_step is not None:  # the same on every rank, so all ranks keep probing at the same steps
             self.schedule.last_step = resume_step
@@ -254,19 +185,14 @@ class LayerWatch:
     # ----------------------------------------------------------------------------------------------- set-up
     @property
     def is_main_process(self) -> bool:
-        return _distributed()[0] == 0
+        return distributed()[0] == 0
 
     @property
     def last_probed_step(self) -> int | None:
         return self.schedule.last_step
 
     def _open_sinks(self, extra: list[Sink], tensorboard: bool, jsonl: bool, resume_step: int | None) -> None:
-        for sink in extra:
-            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
-                raise TypeError(
-                    f"sinks= holds {sink!r}, which has no write(record) and close() methods; subclass layerwatch.sinks.Sink"
-                )
-        self._sinks.add(*extra)
+        self._sinks.add(*check_sinks(extra))
         if self.logdir is not None:
             self._sinks.add(*open_sinks(self.logdir, self.probe, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step))
 
@@ -283,22 +209,22 @@ class LayerWatch:
     def step(self, model: nn.Module, step: int) -> ProbeRecord | None:
         """Call once per optimizer step (on every rank); probes when the schedule says so.
 
+        Returns the record, or ``None`` both when no probe was due and when it failed; :attr:`last_outcome` tells
+        them apart (:class:`ProbeOutcome`).
+
         ``step`` must be the optimizer step count of the whole run, increasing by one per call (e.g.
         ``trainer.state.global_step``, or a counter you increment after each ``optimizer.step()``), never an epoch
         number or a batch index that restarts each epoch. A step at or before one already seen is never probed,
         and the first such call logs a warning.
         """
-        now = time.perf_counter()
-        if self._last_call is not None and step <= self._last_call[0]:
-            self._warn_step_not_increasing(step, self._last_call[0])
-        if self._last_call is not None and step > self._last_call[0]:
-            per_step = (now - self._last_call[1]) / (step - self._last_call[0])
-            self._seconds_per_step = per_step if self._seconds_per_step is None else 0.7 * self._seconds_per_step + 0.3 * per_step
-        self._last_call = (step, now)
+        previous = self._pace.observe(step)
+        if previous is not None and step <= previous:
+            self._warn_step_not_increasing(step, previous)
         if not self.should_probe(step):
+            self.last_outcome = ProbeOutcome.NOT_DUE
             return None
         record = self.run(model, step)
-        self._last_call = (step, time.perf_counter())  # probe time is not training time
+        self._pace.restart(step)  # probe time is not training time
         return record
 
     def _warn_step_not_increasing(self, step: int, previous: int) -> None:
@@ -317,12 +243,14 @@ class LayerWatch:
         """Probe ``model`` now and log the record as ``step``. On every rank in multi-process runs.
 
         Returns the record, or ``None`` when the probe failed (logged, counted in ``layerwatch/errors``); with
-        ``strict=True`` the failure is raised instead.
+        ``strict=True`` the failure is raised instead. Sets :attr:`last_outcome`.
         """
         started = time.perf_counter()
         record = None
+        self.last_outcome = ProbeOutcome.FAILED
         try:
             record = self._probe(model, step, started)
+            self.last_outcome = ProbeOutcome.PROBED
         except Exception as error:  # the monitor must not kill training
             self._report_failure(step, error)
             if self.strict:
@@ -352,122 +280,48 @@ class LayerWatch:
         self._sinks.write_errors(step, self.error_count)
 
     def _stretch_schedule(self, probe_seconds: float) -> None:
-        if self.schedule.max_overhead is None or self._seconds_per_step is None:
+        if self.schedule.max_overhead is None or self._pace.seconds_per_step is None:
             return
-        gap = self.schedule.required_gap(probe_seconds, self._seconds_per_step)
+        gap = self.schedule.required_gap(probe_seconds, self._pace.seconds_per_step)
         self.schedule.min_gap = int(all_ranks_max(gap))  # every rank must probe at the same steps
 
     def _validate(self, model: nn.Module, facts: ModelFacts) -> None:
         """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
         if model in self._validated:
             return
-        facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in self._passes()))
+        fed = passes(self.metric_names, self.probe, self.num_views)  # only what the selected metrics feed
+        facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in fed))
         self._validated.add(model)
-
-    def _passes(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        needs = {need for name in self.metric_names for need in REGISTRY[name].needs}
-        passes = []
-        if needs - {VIEWS}:
-            passes.append((-1, self.probe.input_ids, self.probe.attention_mask))
-        if VIEWS in needs:
-            for k in range(self.num_views):
-                view_ids, view_mask = self.probe.views[k]
-                passes.append((k, view_ids, view_mask))
-        return passes
 
     def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:
         facts = model_facts(model, self.layers)
         self._validate(model, facts)
         blocks = facts.blocks
-        rank, world = _distributed()
+        collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
+        local_error = self._forward(model, facts, collector)
+        collector.reduce_across_ranks(local_error)
+        metrics, per_prompt = set_level_metrics(self.metric_names, collector.set_inputs(self.seed))
+        return self._record(step, started, len(blocks) + 1, metrics, per_prompt)
+
+    def _forward(self, model: nn.Module, facts: ModelFacts, collector: Collector) -> BaseException | None:
+        """Every micro-batch through ``model``, the hooks feeding ``collector``; the first error, if any."""
         device = self.device or model_device(model)
-        prompts = self.probe.num_prompts
-        uses_views = any(VIEWS in REGISTRY[name].needs for name in self.metric_names)
-        buffers = _Buffers(len(blocks) + 1, prompts, self.num_views if uses_views else 0, self.metric_names)
-        # This rank's rows, padded so that every rank runs the same number of forwards (collectives stay paired).
-        per_rank = math.ceil(prompts / world)
-        rows = list(range(rank, prompts, world))
-        real = [True] * len(rows) + [False] * (per_rank - len(rows))
-        rows += [0] * (per_rank - len(rows))
-
-        current: dict[str, _Batch] = {}
-
-        def on_layer(index: int, hidden: torch.Tensor) -> None:
-            batch = current["batch"]
-            if not buffers.tensors:
-                buffers.allocate(hidden.shape[-1], hidden.device)
-            self._reduce_layer(buffers, index, hidden, batch)
-
         options, pass_mask = facts.forward_options, facts.accepts_attention_mask
         local_error: BaseException | None = None
-        with isolated(model), LayerHooks(blocks, on_layer) as hooks:
-            for pass_index, all_ids, all_mask in self._passes():
-                for start in range(0, per_rank, self.batch_size):
-                    chunk = torch.tensor(rows[start : start + self.batch_size])
-                    chunk_real = torch.tensor(real[start : start + self.batch_size])
-                    ids, mask = take_rows(all_ids, all_mask, chunk)  # right-aligned already: positions start at 0
-                    ids, mask = ids.to(device), mask.bool().to(device)
-                    current["batch"] = _Batch(pass_index, chunk[chunk_real].to(device), chunk_real.to(device), mask)
-                    inputs = {"input_ids": ids, **options}
-                    if pass_mask:
-                        inputs["attention_mask"] = mask.long()
-                    try:
-                        model(**inputs)
-                        hooks.check_and_reset()
-                    except Exception as error:  # keep forwarding: peers' collectives must stay paired
-                        hooks.fired = [0] * len(hooks.fired)
-                        local_error = local_error or error
-        self._agree_and_reduce(buffers, local_error, world)
-        return self._record(step, started, len(blocks) + 1, buffers, world)
+        with isolated(model), LayerHooks(facts.blocks, collector.on_layer) as hooks:
+            for inputs in collector.micro_batches(self.batch_size, device, options, pass_mask):
+                try:
+                    model(**inputs)
+                    hooks.check_and_reset()
+                except Exception as error:  # keep forwarding: peers' collectives must stay paired
+                    hooks.fired = [0] * len(hooks.fired)
+                    local_error = local_error or error
+        return local_error
 
-    def _reduce_layer(self, buffers: _Buffers, index: int, hidden: torch.Tensor, batch: _Batch) -> None:
-        """Reduce one layer's [b, T, D] to what the metrics need, right away (the tensor is not kept)."""
-        real_hidden, mask = hidden[batch.real], batch.mask[batch.real]
-        if real_hidden.shape[0] == 0:
-            return
-        if batch.pass_index >= 0:
-            buffers.tensors["views"][index, batch.rows, batch.pass_index] = M.mean_pool(real_hidden, mask).float()
-            return
-        layer = TokenInputs(real_hidden, mask, self.alpha)
-        for name in buffers.token_names:
-            buffers.per_prompt(name)[index, batch.rows] = REGISTRY[name].per_prompt(layer).float()
-        if buffers.need_pooled:
-            buffers.tensors["pooled"][index, batch.rows] = layer.pooled().float()
-        if buffers.need_health:
-            tokens = real_hidden[mask].float()
-            finite = torch.isfinite(tokens)
-            kept = torch.where(finite, tokens, torch.zeros((), device=tokens.device))
-            health = buffers.tensors["health"][index]
-            health[0] += kept.pow(2).sum()
-            health[1] += finite.sum()
-            health[2] += (~finite).sum()
-            buffers.max_abs[index] = torch.maximum(buffers.max_abs[index], kept.abs().max())
-
-    def _agree_and_reduce(self, buffers: _Buffers, local_error: BaseException | None, world: int) -> None:
-        if world > 1 and all_ranks_max(1.0 if local_error is not None else 0.0) > 0 and local_error is None:
-            raise ProbeError("the probe failed on another rank; all ranks skip this probe")
-        if local_error is not None:
-            raise local_error
-        if not buffers.tensors:
-            raise CaptureError("no layer output was captured")
-        if world > 1:
-            packed = buffers.pack()
-            torch.distributed.all_reduce(packed)
-            buffers.unpack(packed)
-            if buffers.max_abs is not None:
-                torch.distributed.all_reduce(buffers.max_abs, op=torch.distributed.ReduceOp.MAX)
-
-    def _record(self, step: int, started: float, num_layers: int, buffers: _Buffers, world: int) -> ProbeRecord:
-        inputs = buffers.set_inputs(self.alpha, self.seed)
-        values = {name: REGISTRY[name].set_value(inputs).double() for name in self.metric_names}
-        per_prompt = {name: buffers.per_prompt(name).tolist() for name in self.metric_names if REGISTRY[name].histogram}
-        if inputs.health is not None:  # a layer with non-finite activations has no trustworthy metric
-            broken = inputs.health[:, 2] > 0
-            for name, per_layer in values.items():
-                if HEALTH not in REGISTRY[name].needs:
-                    values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
+    def _record(
+        self, step: int, started: float, num_layers: int, metrics: dict[str, list[float]], per_prompt: dict[str, Any]
+    ) -> ProbeRecord:
         layers = list(range(num_layers))
-        metrics = {name: values[name].cpu().tolist() for name in self.metric_names}
         alerts = self.alerts.check(step, layers, metrics)
         record = ProbeRecord(
             step=int(step),
@@ -477,7 +331,7 @@ class LayerWatch:
             metrics=metrics,
             per_prompt=per_prompt,
             alerts=alerts,
-            settings=self._settings(world),
+            settings=self._settings(distributed()[1]),
         )
         return record
 

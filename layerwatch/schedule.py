@@ -1,8 +1,13 @@
-"""When to probe: every N optimizer steps, denser early in training, stretched when probes cost too much."""
+"""When to probe: every N optimizer steps, denser early in training, stretched when probes cost too much.
+
+:class:`ProbeSchedule` decides (its state is checkpointed); :class:`TrainingPace` measures the training time per step
+that the stretching compares probe time with.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,3 +78,26 @@ class ProbeSchedule:
         for key in ("min_gap", "last_step"):
             if key in state:
                 setattr(self, key, state[key])
+
+
+class TrainingPace:
+    """Seconds per optimizer step of training (an exponential average), probe time left out; feeds ``max_overhead``."""
+
+    def __init__(self) -> None:
+        self.seconds_per_step: float | None = None
+        self._last: tuple[int, float] | None = None
+
+    def observe(self, step: int) -> int | None:
+        """Note a call at ``step``; returns the previous call's step (None at the first call)."""
+        now = time.perf_counter()
+        previous = self._last
+        if previous is not None and step > previous[0]:
+            per_step = (now - previous[1]) / (step - previous[0])
+            average = self.seconds_per_step
+            self.seconds_per_step = per_step if average is None else 0.7 * average + 0.3 * per_step
+        self._last = (step, now)
+        return None if previous is None else previous[0]
+
+    def restart(self, step: int) -> None:
+        """Start timing again after a probe at ``step`` (probe time is not training time)."""
+        self._last = (step, time.perf_counter())

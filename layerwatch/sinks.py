@@ -17,6 +17,7 @@ import bisect
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,16 @@ class SinkGroup:
             for claim in [s for s in self.sinks if getattr(s, "role", "record") == "claim"]:
                 self.sinks.remove(claim)
                 claim.close()  # nothing writes the run directory any more: another writer may have it
+
+
+def check_sinks(sinks: list[Any]) -> list[Any]:
+    """``sinks`` itself; TypeError naming ``sinks=`` when one lacks ``write(record)`` or ``close()``."""
+    for sink in sinks:
+        if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+            raise TypeError(
+                f"sinks= holds {sink!r}, which has no write(record) and close() methods; subclass layerwatch.sinks.Sink"
+            )
+    return sinks
 
 
 def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
