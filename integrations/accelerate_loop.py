@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from layerwatch.sinks import Sink
+
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
@@ -172,7 +174,7 @@ def default_logdir(accelerator: Accelerator) -> str:
     return os.path.join(os.fspath(base), "layerwatch")
 
 
-class AcceleratorTrackersSink:
+class AcceleratorTrackersSink(Sink):
     """A layerwatch sink that forwards each record's flat scalars to ``accelerator.log`` (main process only).
 
     Flat keys (``layerwatch/<metric>/layer_<NN>``) keep TensorBoard from making one sub-run per key, which it

@@ -68,7 +68,7 @@ def check_memory_budget(num_prompts: int, metric_names: Sequence[str], budget: i
         raise ValueError(f"memory_budget must be a positive number of bytes or None (no check), got {budget!r}")
     estimate = M.set_level_peak_bytes(num_prompts, metric_names)
     if estimate > budget:
-        heavy = [name for name in ("dime", "infonce", "infonce_chance") if name in metric_names]
+        heavy = [name for name in metric_names if M.set_level_peak_bytes(num_prompts, [name]) > 0]
         raise ValueError(
             f"a probe of {num_prompts} prompts needs about {estimate / 2**30:.1f} GiB for the M x M matrices of "
             f"{', '.join(heavy)} (and time growing like M^3), over memory_budget={budget / 2**30:.1f} GiB. Use fewer "

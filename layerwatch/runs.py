@@ -1,4 +1,7 @@
-"""Reading a run back: ``layerwatch.read_run(logdir)`` returns its per-layer time series as numpy arrays."""
+"""Reading a run back: ``layerwatch.read_run(logdir)`` returns its per-layer time series as numpy arrays.
+
+Any metric name is read (registered or not, e.g. from an older version); :func:`summary_table` shows the registry's
+``summary`` metrics by default."""
 
 from __future__ import annotations
 
