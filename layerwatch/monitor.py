@@ -9,7 +9,9 @@ Path of the data (one probe, :meth:`LayerWatch.run` -> ``_probe``)::
         model(**inputs)  ->  hooks deliver layer 0..L one at a time  ->  Collector.on_layer reduces each at once
     Collector.reduce_across_ranks agree on errors, then one packed all-reduce per kind (sum, max)
     set_level_metrics             per-layer values, a pure function of the reduced buffers
-    ProbeRecord + alerts          ->  sinks (main rank; layerwatch.rundir opens those of the run directory)
+    ProbeRecord + alerts          ->  sinks, on the main rank, after the probe (a SinkGroup: a failing sink is
+                                      dropped and counted, never a failed probe; layerwatch.rundir opens the run
+                                      directory's sinks)
 
 The schedule (:class:`layerwatch.schedule.ProbeSchedule`) says when; :attr:`LayerWatch.last_outcome` says what the
 last :meth:`~LayerWatch.step` or :meth:`~LayerWatch.run` call did.
@@ -97,6 +99,24 @@ def _check_arguments(probe: Any, alpha: Any, batch_size: Any, collapse_probes: A
         raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
     if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
         raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
+
+
+def _settings(watch: "LayerWatch", world: int) -> dict[str, Any]:
+    """The settings a record carries, so that runs can be compared honestly."""
+    return {
+        "preset": watch.preset,
+        "metrics": list(watch.metric_names),
+        "alpha": watch.alpha,
+        "views": watch.num_views,
+        "infonce_temperature": 0.1,
+        "lidar_delta": 1e-4,
+        "dime_permutations": 10,
+        "num_prompts": watch.probe.num_prompts,
+        "batch_size": watch.batch_size,
+        "world_size": world,
+        "probe_hash": watch.probe.content_hash,
+        "layerwatch_version": __version__,
+    }
 
 
 class LayerWatch:
@@ -331,25 +351,9 @@ class LayerWatch:
             metrics=metrics,
             per_prompt=per_prompt,
             alerts=alerts,
-            settings=self._settings(distributed()[1]),
+            settings=_settings(self, distributed()[1]),
         )
         return record
-
-    def _settings(self, world: int) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "metrics": list(self.metric_names),
-            "alpha": self.alpha,
-            "views": self.num_views,
-            "infonce_temperature": 0.1,
-            "lidar_delta": 1e-4,
-            "dime_permutations": 10,
-            "num_prompts": self.probe.num_prompts,
-            "batch_size": self.batch_size,
-            "world_size": world,
-            "probe_hash": self.probe.content_hash,
-            "layerwatch_version": __version__,
-        }
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def state_dict(self) -> dict[str, Any]:
