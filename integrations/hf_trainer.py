@@ -16,6 +16,8 @@ What the callback does, event by event:
   (``purge_step``). A run that starts from step 0 in a folder holding a finished run moves that run to
   ``<logdir>.previous-<time>`` (never deleted; a warning says where); a folder another process is still writing
   is refused.
+  On world process zero, when ``args.report_to`` names ``wandb`` or ``mlflow`` and that tracker has an active run
+  (the Trainer's own callbacks start it), the scalars go there too, on the global step (:mod:`layerwatch.trackers`).
 - ``on_step_end`` (every rank): when the schedule says so, probes ``kwargs["model"]`` at step ``state.global_step``:
   the object the Trainer's own evaluation calls (the unwrapped model under DDP, the FSDP root, ``engine.module``
   under DeepSpeed), on every rank, because sharded models need every rank in every forward. Only world process zero
@@ -55,6 +57,7 @@ from layerwatch.capture import max_positions, model_config
 from layerwatch.monitor import all_ranks_max
 from layerwatch.probe import PROBE_FILENAME
 from layerwatch.registry import resolve_metrics
+from layerwatch.trackers import tracker_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +153,8 @@ class LayerWatchCallback(TrainerCallback):
         options = dict(self.watch_options)
         if not self._is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
             options["sinks"] = None
+        else:  # follow report_to: W&B / MLflow runs the Trainer started get the scalars too (layerwatch.trackers)
+            options["sinks"] = [*(options.get("sinks") or []), *tracker_sinks(getattr(args, "report_to", None))]
         # Resuming keeps the records up to the checkpoint's step; a run from step 0 is a fresh run (resume_step=-1):
         # a finished run in the same folder moves to <logdir>.previous-<time> (layerwatch.rundir), never deleted,
         # and a live writer there refuses it.
