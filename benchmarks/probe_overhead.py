@@ -39,7 +39,8 @@ def build(args):
     import layerwatch
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=8192, n_positions=256, n_embd=args.hidden, n_layer=args.layers, n_head=8)
+    config = GPT2Config(vocab_size=8192, n_positions=256, n_embd=args.hidden, n_layer=args.layers, n_head=8,
+                        bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.prompts, args.tokens), generator=generator)

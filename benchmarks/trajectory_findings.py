@@ -67,14 +67,14 @@ def flatness(args):
           f"tokens, vocabulary {vocab}; layer 0 = embeddings)\n")
     shapes = {
         "GPT-2-small shape, 6 layers (768 wide, 12 heads)": transformers.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=768, n_layer=6, n_head=12),
+            vocab_size=vocab, n_positions=256, n_embd=768, n_layer=6, n_head=12, bos_token_id=0, eos_token_id=0),
         "GPT-2-small shape, 12 layers (768 wide, 12 heads)": transformers.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=768, n_layer=12, n_head=12),
+            vocab_size=vocab, n_positions=256, n_embd=768, n_layer=12, n_head=12, bos_token_id=0, eos_token_id=0),
         "Pythia-70m shape (GPT-NeoX, 6 x 512, 8 heads)": transformers.GPTNeoXConfig(
             vocab_size=vocab, hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
             max_position_embeddings=256),
         "tiny GPT-2 (3 x 64)": transformers.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=3, n_head=4),
+            vocab_size=vocab, n_positions=256, n_embd=64, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0),
         "tiny GPT-NeoX (3 x 64)": transformers.GPTNeoXConfig(
             vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=256),

@@ -35,7 +35,11 @@ def main():
 
     torch.manual_seed(0)
     vocab = 256
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=4, n_head=4))
+    config = GPT2Config(  # special-token ids inside the vocabulary (GPT-2's default, 50256, is not)
+        vocab_size=vocab, n_positions=128, n_embd=64, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the class name maps to no loss in transformers 5, which would warn
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     # The probe: a fixed batch of held-out sequences, with augmented views generated once from the seed.

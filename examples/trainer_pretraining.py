@@ -12,7 +12,6 @@ tokenizer come from layerwatch's demo helpers; in your script use your own (e.g.
 import argparse
 import os
 
-import datasets
 from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import layerwatch
@@ -22,27 +21,25 @@ from layerwatch.integrations.hf_trainer import LayerWatchCallback
 BLOCK = 64  # tokens per training sequence
 
 
+def blocks(tokenizer, texts: list[str]) -> list[dict]:
+    """The texts' tokens, concatenated and cut into rows of BLOCK tokens."""
+    ids = [token for row in tokenizer(texts)["input_ids"] for token in row]
+    return [{"input_ids": ids[i : i + BLOCK]} for i in range(0, len(ids) - BLOCK + 1, BLOCK)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/trainer-example", help="Trainer output_dir")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     args = parser.parse_args()
 
-    # Data: paragraphs of text -> tokens -> fixed blocks of BLOCK tokens (as in transformers' run_clm.py).
+    # Data: paragraphs of text -> tokens -> fixed blocks of BLOCK tokens (as in transformers' run_clm.py). Plain
+    # lists of dicts work as Trainer datasets; a datasets.Dataset with an input_ids column works the same way.
     text = load_corpus()
     tokenizer = train_tokenizer(text, vocab_size=1024)
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    raw = datasets.Dataset.from_dict({"text": paragraphs}).train_test_split(test_size=0.05, seed=0)
-
-    def tokenize(batch):
-        return tokenizer([t + tokenizer.eos_token for t in batch["text"]])
-
-    def group_blocks(batch):
-        ids = [token for row in batch["input_ids"] for token in row]
-        return {"input_ids": [ids[i : i + BLOCK] for i in range(0, len(ids) - BLOCK + 1, BLOCK)]}
-
-    tokenized = raw.map(tokenize, batched=True, remove_columns=["text"])
-    blocks = tokenized.map(group_blocks, batched=True, remove_columns=tokenized["train"].column_names)
+    paragraphs = [p + tokenizer.eos_token for p in text.split("\n\n") if p.strip()]
+    cut = len(paragraphs) * 95 // 100  # the last 5% of the text is held out
+    train_blocks, eval_blocks = blocks(tokenizer, paragraphs[:cut]), blocks(tokenizer, paragraphs[cut:])
 
     # A tiny GPT-2 from a config (about 1 million parameters).
     config = GPT2Config(
@@ -50,6 +47,7 @@ def main() -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the class name maps to no loss in transformers 5, which would warn
 
     training_args = TrainingArguments(
         output_dir=args.out,
@@ -67,8 +65,8 @@ def main() -> None:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=blocks["train"],
-        eval_dataset=blocks["test"],
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
         processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[LayerWatchCallback(every=25)],

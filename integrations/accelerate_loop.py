@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from layerwatch._compat import is_fsdp2, unwrap_model
 from layerwatch.sinks import Sink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,7 +118,7 @@ def resolve_probe_module(accelerator: Accelerator, model: torch.nn.Module) -> to
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         inner = _strip_compile(model)
-        if accelerator.is_fsdp2:
+        if is_fsdp2(accelerator):
             from torch.distributed.fsdp import FSDPModule
 
             if not isinstance(inner, FSDPModule):
@@ -138,7 +139,7 @@ def resolve_probe_module(accelerator: Accelerator, model: torch.nn.Module) -> to
         return model
     if kind in (DistributedType.XLA, DistributedType.MEGATRON_LM):
         raise ValueError(f"layerwatch does not support the {kind} backend of Accelerate.")
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    return _strip_compile(unwrap_model(accelerator, model))  # accelerate < 1.3 keeps compile wrappers
 
 
 def _as_probe(probe: Any) -> Any:

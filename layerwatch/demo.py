@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -172,7 +173,9 @@ def build_model(config: DemoConfig, tokenizer: Any) -> Any:
         pad_token_id=tokenizer.pad_token_id,
     )
     transformers.set_seed(config.seed)
-    return transformers.GPT2LMHeadModel(model_config)
+    model = transformers.GPT2LMHeadModel(model_config)
+    model.loss_type = "ForCausalLM"  # the class name maps to no loss in transformers 5, which would warn
+    return model
 
 
 def training_arguments(output_dir: str, **kwargs: Any) -> Any:
@@ -283,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
         save_only_model=True,
         seed=config.seed,
         data_seed=config.seed,
-        disable_tqdm=False,
+        disable_tqdm=True,  # one progress line of our own instead of the Trainer's nested bars
     )
     callback = LayerWatchCallback(every=config.every, num_prompts=config.probe_prompts)
     trainer = Trainer(
@@ -295,7 +298,7 @@ def main(args: argparse.Namespace) -> int:
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    trainer.train()
+    _show_progress(trainer)
     tokenizer.save_pretrained(str(out))
     elapsed = time.perf_counter() - started
 
@@ -328,12 +331,46 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _shell_path(path: Path) -> str:
-    """``path`` relative to the working directory when it is inside it (shorter to copy), quoted if needed."""
-    try:
-        shown = str(path.relative_to(Path.cwd()))
-    except ValueError:
-        shown = str(path)
-    return f"'{shown}'" if any(c.isspace() for c in shown) else shown
+    """``path`` made absolute (a command that works from any folder), quoted for the shell if needed."""
+    return shlex.quote(str(Path(path).resolve()))
+
+
+def _show_progress(trainer: Any) -> None:
+    """``trainer.train()`` with one progress bar (step, loss, held-out loss) instead of the Trainer's own bars.
+
+    Log lines (layerwatch's alerts, for instance) are printed above the bar, not into it.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as transformers_logging
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.shown: dict[str, str] = {}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar = tqdm(total=state.max_steps, unit="step", desc="training", dynamic_ncols=True)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            for key, name in (("loss", "loss"), ("eval_loss", "held-out")):
+                if isinstance((logs or {}).get(key), (int, float)):
+                    self.shown[name] = f"{logs[key]:.2f}"
+            self.bar.set_postfix(self.shown, refresh=True)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.bar.close()
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; the bar shows the losses instead
+    trainer.add_callback(Progress())
+    transformers_logging.disable_progress_bar()  # no checkpoint-writing bars under ours
+    with logging_redirect_tqdm():
+        trainer.train()
 
 
 def _prepare_output_dir(out: Path, *, overwrite: bool) -> bool:

@@ -11,7 +11,7 @@ format is the same) and writes
 - ``RUN_DIR/report.html``: one self-contained page (images embedded as data URIs) with the pictures and tables of
   the numbers.
 
-matplotlib is needed (``pip install layerwatch[report]``); it is imported only here, with the Agg canvas and without
+matplotlib (a dependency of layerwatch) is imported only here, with the Agg canvas and without
 pyplot, so making a report never changes the plotting backend of the calling process.
 """
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install layerwatch[report]"
+INSTALL_HINT = "pip install matplotlib (a dependency of layerwatch that is missing here)"
 IMAGE_DIR = "report"
 HTML_NAME = "report.html"
 

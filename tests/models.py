@@ -26,7 +26,7 @@ def tiny_config(kind: str, *, dropout: float = 0.0, layers: int = 2, hidden: int
     if kind == "mamba":
         return transformers.MambaConfig(
             vocab_size=TINY_VOCAB, hidden_size=hidden, state_size=8, num_hidden_layers=layers, expand=2,
-            conv_kernel=4, use_mambapy=True,
+            conv_kernel=4,
         )
     if kind == "mamba2":
         return transformers.Mamba2Config(
@@ -49,3 +49,13 @@ def tiny_model(kind: str = "gpt2", seed: int = 0, **config_kwargs):
     if kind == "bert":
         return transformers.BertModel(config).eval()
     return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def block_hidden(output):
+    """A decoder block's hidden states: blocks return a tensor (transformers 5) or a tuple led by it (4.x)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_block_hidden(output, hidden):
+    """``output`` with its hidden states replaced by ``hidden``, in the same form (tensor or tuple)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -57,12 +57,18 @@ def test_demo_trains_and_writes_a_run(tmp_path):
     assert run.layers == [0, 1, 2, 3, 4]
     assert not [a for r in run.records for a in r.alerts if a.startswith("collapse")]  # a healthy run
     # What the user is told: where the logs are, how to view them, and the first -> last table.
-    assert "tensorboard --logdir demo/layerwatch\n" in stdout  # relative to where the user ran the demo
+    assert f"tensorboard --logdir {logdir.resolve()}\n" in stdout  # absolute: works from any folder
     assert "Training loss" in stdout and "Checkpoints:" in stdout
     assert "first probe (step 1) -> last probe (step 20)" in stdout
     table = [line for line in stdout.splitlines() if re.match(r"^\s*\d+\s+\S+ -> \S+", line)]
     assert [int(line.split()[0]) for line in table] == [0, 1, 2, 3, 4]  # one row per layer, embeddings first
     assert "layers that changed most" in stdout
+    # A quiet console: no transformers warnings caused by the demo's config, one progress bar (no nested bars,
+    # which tqdm draws with the cursor-up escape), log lines above it.
+    stderr = result.stderr
+    for noise in ("[transformers]", "bos_token_id", "eos_token_id", "loss_type", "\x1b[A", "Writing model shards"):
+        assert noise not in stderr, f"{noise!r} in the demo's stderr:\n{stderr[-3000:]}"
+    assert "training: 100%" in stderr and "{'loss'" not in stdout
     # The loss went down.
     losses = [float(part.split()[0]) for part in stdout.split("Training loss ")[1].split(";")[0].split(" -> ")]
     assert losses[1] < losses[0]

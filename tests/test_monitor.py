@@ -15,7 +15,7 @@ from layerwatch import metrics as M
 from layerwatch.capture import CaptureError, find_blocks
 from layerwatch.monitor import LayerWatch
 from layerwatch.schedule import ProbeSchedule
-from models import KINDS, TINY_VOCAB, tiny_model
+from models import KINDS, TINY_VOCAB, block_hidden, tiny_model, with_block_hidden
 
 
 def make_probe(prompts=12, length=20, views=2, seed=0, left_pad=False):
@@ -68,7 +68,7 @@ def test_metrics_equal_a_direct_computation_on_the_hidden_states(tmp_path):
     for i in range(ids.shape[0]):
         tokens = ids[i][mask[i]][None]
         captured = {}
-        handle = last_block.register_forward_hook(lambda m, a, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
+        handle = last_block.register_forward_hook(lambda m, a, out: captured.update(h=block_hidden(out)))
         with torch.no_grad():
             out = model(tokens, output_hidden_states=True)
         handle.remove()
@@ -263,7 +263,9 @@ def test_a_failing_probe_warns_once_counts_and_training_goes_on(tmp_path, caplog
 def test_non_finite_activations_give_nan_metrics_and_an_alert(tmp_path, caplog):
     model = tiny_model("llama", layers=3)
     block = find_blocks(model)[1]
-    block.register_forward_hook(lambda m, a, out: out.index_fill(1, torch.tensor([2]), float("nan")))
+    block.register_forward_hook(
+        lambda m, a, out: with_block_hidden(out, block_hidden(out).index_fill(1, torch.tensor([2]), float("nan")))
+    )
     watch = LayerWatch(make_probe(), logdir=None, metrics="standard")
     with caplog.at_level(logging.WARNING, logger="layerwatch"):
         record = watch.run(model, 5)
@@ -306,7 +308,7 @@ def test_a_block_called_twice_is_a_clear_error():
     original = second.forward
 
     def calls_first_block_again(hidden_states, *args, **kwargs):
-        hidden_states = first(hidden_states)  # block 0 runs twice per forward
+        hidden_states = block_hidden(first(hidden_states))  # block 0 runs twice per forward
         return original(hidden_states, *args, **kwargs)
 
     second.forward = calls_first_block_again

@@ -173,7 +173,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch, capsys):
     run_dir = write_run(tmp_path / "run")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert run_cli(run_dir) == 2
-    assert "pip install layerwatch[report]" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err
 
 
 def test_metric_names_from_the_data_never_choose_a_path(tmp_path, capsys):
