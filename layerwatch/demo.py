@@ -6,7 +6,7 @@ config. The run uses the real :class:`transformers.Trainer` with
 :class:`layerwatch.integrations.hf_trainer.LayerWatchCallback` and no other change, so the demo is also the
 reference for how the callback is meant to be used::
 
-    layerwatch demo                      # about 3 minutes on 2 CPU cores
+    layerwatch demo                      # 2 to 3 minutes on 2 idle CPU cores, longer on a busy machine
     layerwatch demo --steps 60 --out /tmp/lw-demo
     tensorboard --logdir layerwatch-demo/layerwatch
 
@@ -205,7 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     parser.add_argument(
         "--steps", type=int, default=defaults.steps,
-        help=f"optimizer steps (default {defaults.steps}: about 3 minutes on 2 CPU cores)",
+        help=f"optimizer steps (default {defaults.steps}: 2 to 3 minutes on 2 idle CPU cores, several times longer "
+        "on a busy machine)",
     )
     parser.add_argument(
         "--every", type=int, default=None,
@@ -361,7 +362,8 @@ def _show_progress(trainer: Any) -> None:
             for key, name in (("loss", "loss"), ("eval_loss", "held-out")):
                 if isinstance((logs or {}).get(key), (int, float)):
                     self.shown[name] = f"{logs[key]:.2f}"
-            self.bar.set_postfix(self.shown, refresh=True)
+            ordered = {name: self.shown[name] for name in ("loss", "held-out") if name in self.shown}
+            self.bar.set_postfix(ordered, refresh=True)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.bar.close()

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from layerwatch.record import SCALAR_PREFIX, ProbeRecord
+from layerwatch.sinks import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,13 @@ def record_scalars(record: ProbeRecord) -> dict[str, float]:
     return values
 
 
-class _TrackerSink:
+class _TrackerSink(Sink):
     """Shared behaviour: a failing tracker warns once and never stops the other sinks or training."""
 
     name = "tracker"
 
     def __init__(self) -> None:
+        super().__init__()
         self._warned = False
 
     def write(self, record: ProbeRecord) -> None:
