@@ -44,7 +44,7 @@ def main() -> None:
     # A tiny GPT-2 from a config (about 1 million parameters).
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=BLOCK, n_embd=128, n_layer=4, n_head=4,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # the class name maps to no loss in transformers 5, which would warn
