@@ -18,7 +18,7 @@ from layerwatch.capture import find_blocks
 from layerwatch.monitor import METRIC_PRESETS, LayerWatch
 from layerwatch.registry import HEALTH, POOLED, TOKENS, VIEWS, MetricSpec
 from layerwatch.runs import summary_table
-from models import TINY_VOCAB, tiny_model
+from models import TINY_VOCAB, block_hidden, tiny_model
 
 
 def _probe(prompts=9, length=14):
@@ -69,9 +69,7 @@ def _reference_pooled_norm(model, probe):
     norms = []
     for ids, mask in zip(probe.input_ids, probe.attention_mask.bool()):
         captured = {}
-        handle = last_block.register_forward_hook(
-            lambda m, a, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out)
-        )
+        handle = last_block.register_forward_hook(lambda m, a, out: captured.update(h=block_hidden(out)))
         with torch.no_grad():
             out = model(ids[mask][None], output_hidden_states=True)
         handle.remove()

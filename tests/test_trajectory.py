@@ -269,7 +269,8 @@ def test_safetensors_index_naming_pickle_shards_is_refused(trained, tmp_path, ca
     safe = tmp_path / "checkpoint-7"
     safe.mkdir()
     shutil.copy(trained["out"] / "checkpoint-2" / "config.json", safe / "config.json")
-    save_file(state, str(safe / "model-00001-of-00001.safetensors"))
+    # metadata as transformers writes it (4.x refuses shards without it)
+    save_file(state, str(safe / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
     index["weight_map"] = {name: "model-00001-of-00001.safetensors" for name in state}
     (safe / "model.safetensors.index.json").write_text(json.dumps(index))
     assert trajectory.pickle_weight_files(safe) == []
