@@ -258,7 +258,7 @@ def _probe_source(args: argparse.Namespace, out: Path) -> "Probe | Path | Callab
     if args.texts:
         options = {"max_length": args.max_length, "num_prompts": args.num_prompts, "seed": args.seed}
         return lambda folder: _texts_probe(args.texts, args.tokenizer, folder, options)
-    from layerwatch.sinks import PROBE_FILENAME
+    from layerwatch.rundir import PROBE_FILENAME
 
     if (out / PROBE_FILENAME).is_file():
         return out / PROBE_FILENAME

@@ -153,3 +153,16 @@ def test_revision_names_and_plan():
         plan_revisions(["step5", "ckpt_5"])
     with pytest.raises(TrajectoryError, match="no revisions"):
         plan_revisions([" "])
+
+
+def test_a_revisions_run_without_probe_or_texts_continues_with_the_saved_probe(tmp_path):
+    import argparse
+
+    from layerwatch import revisions
+    from layerwatch.rundir import PROBE_FILENAME
+
+    args = argparse.Namespace(probe=None, texts=None)
+    with pytest.raises(revisions.TrajectoryError, match="no probe"):
+        revisions._probe_source(args, tmp_path)
+    (tmp_path / PROBE_FILENAME).write_bytes(b"")
+    assert revisions._probe_source(args, tmp_path) == tmp_path / PROBE_FILENAME
