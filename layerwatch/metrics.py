@@ -64,6 +64,7 @@ __all__ = [
     "dime",
     "effective_rank",
     "infonce",
+    "infonce_chance",
     "label_folds",
     "lidar",
     "linear_cka",
@@ -657,9 +658,10 @@ def _dime_entropies(a: Tensor, b: Tensor, perms: Tensor, alpha: float) -> Tensor
     return out.reshape(*lead, count)
 
 
-def _infonce_losses(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+def _infonce_losses(a: Tensor, b: Tensor, temperature: float, *, chance: bool = False) -> Tensor:
     """``[...]`` InfoNCE of unit rows ``a, b[..., M, D]``, over chunks of (layer, query rows): the ``M x M``
-    logits of all layers never exist at once."""
+    logits of all layers never exist at once. ``chance=True``: the positive of row i is the mean of its M - 1
+    other logits (the expected loss over uniformly random shuffles that pair no prompt with itself)."""
     lead, m = a.shape[:-2], a.shape[-2]
     flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     total = torch.zeros(flat_a.shape[0], dtype=torch.float64, device=a.device)
@@ -671,6 +673,8 @@ def _infonce_losses(a: Tensor, b: Tensor, temperature: float) -> Tensor:
             rows = slice(row, row + rows_per)
             logits = (flat_a[layers, rows] @ flat_b[layers].mT) / temperature  # [l, r, M]
             positive = torch.diagonal(logits, row, -2, -1)  # row i of the block pairs with column row + i
+            if chance:
+                positive = (logits.sum(-1) - positive) / (m - 1)
             total[layers] += (torch.logsumexp(logits, dim=-1) - positive).sum(-1)
     return (total / m).reshape(lead)
 
@@ -947,8 +951,10 @@ def infonce(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tens
     """InfoNCE loss between two views of the same prompts (SPEC §1), in nats.
 
     ``A = normalize(view_a)``, ``B = normalize(view_b)`` (each over its own M rows);
-    ``L = mean_i -log softmax_j(<a_i, b_j> / temperature)[i]``. Chance level is about ``ln M``; lower means
-    the views of a prompt are identifiable among the others.
+    ``L = mean_i -log softmax_j(<a_i, b_j> / temperature)[i]``. Lower means the views of a prompt are
+    identifiable among the others. Compare it with :func:`infonce_chance` (the same layer, shuffled pairing), not
+    with ``ln M``: with a small temperature a layer whose nearest neighbours are other prompts scores far above
+    ``ln M``.
 
     Args:
         view_a: ``[..., M, D]`` pooled embeddings of view A.
@@ -965,6 +971,38 @@ def infonce(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tens
         >>> infonce(a, a, temperature=1.0), infonce(a, a[[1, 0, 3, 2]], temperature=1.0)
         (tensor(0.6265), tensor(2.6265))
     """
+    return _infonce(view_a, view_b, temperature, chance=False)
+
+
+@torch.no_grad()
+def infonce_chance(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tensor:
+    """InfoNCE of the same views under a shuffled pairing: a measured chance baseline for :func:`infonce`, in nats.
+
+    With ``logits = <a_i, b_j> / temperature`` as in :func:`infonce`, each prompt's view A is paired with the view B
+    of another prompt chosen uniformly at random, and the loss is averaged over all such shuffles (derangements)
+    exactly: ``mean_i [logsumexp_j logits_ij - mean_{j != i} logits_ij]``. It is what InfoNCE would be if this
+    layer could not tell a prompt's own view from the others', measured on the same layer, so ``infonce`` below it
+    means better than chance. It is not ``ln M``: with temperature 0.1 it can be far above it.
+
+    Args:
+        view_a: ``[..., M, D]`` pooled embeddings of view A (M >= 2).
+        view_b: ``[..., M, D]`` pooled embeddings of view B.
+        temperature: softmax temperature (the same as :func:`infonce`'s).
+
+    Returns:
+        ``[...]``; NaN for layers with non-finite values and for M < 2.
+
+    Example:
+        >>> import torch
+        >>> from layerwatch.metrics import infonce_chance
+        >>> a = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> infonce_chance(a, a, temperature=1.0)
+        tensor(1.9599)
+    """
+    return _infonce(view_a, view_b, temperature, chance=True)
+
+
+def _infonce(view_a: Tensor, view_b: Tensor, temperature: float, *, chance: bool) -> Tensor:
     _check_sets(view_a, "view_a")
     _check_sets(view_b, "view_b")
     if view_a.shape[-2:] != view_b.shape[-2:]:
@@ -974,7 +1012,7 @@ def infonce(view_a: Tensor, view_b: Tensor, *, temperature: float = 0.1) -> Tens
         raise ValueError(f"`temperature` must be positive, got {temperature}")
     a, bad_a = _center_unit(view_a, None)
     b, bad_b = _center_unit(view_b, None)
-    loss = _infonce_losses(a, b, temperature)
+    loss = _infonce_losses(a, b, temperature, chance=chance)
     dtype = torch.float64 if torch.float64 in (view_a.dtype, view_b.dtype) else torch.float32
     return torch.where(bad_a | bad_b, math.nan, loss).to(dtype)
 

@@ -347,9 +347,16 @@ _BUILTIN = (
     ),
     MetricSpec(
         "infonce",
-        "InfoNCE loss between two augmented views (nats; chance is about ln(#prompts))",
+        "InfoNCE loss between two augmented views (nats; lower = views identify their prompt; compare with "
+        "infonce_chance)",
         needs=(VIEWS,), presets=_WITH_VIEWS, compressed_when="higher", summary=True,
         compute=lambda s: _metrics().infonce(s.views[:, :, 0], s.views[:, :, 1]),
+    ),
+    MetricSpec(
+        "infonce_chance",
+        "InfoNCE of the same layer with the views paired to other prompts (shuffled): the chance baseline, in nats",
+        needs=(VIEWS,), presets=_WITH_VIEWS,
+        compute=lambda s: _metrics().infonce_chance(s.views[:, :, 0], s.views[:, :, 1]),
     ),
     MetricSpec(
         "dime",

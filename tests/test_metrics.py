@@ -785,3 +785,21 @@ def test_threaded_eigenvalues_match_and_restore_the_thread_count():
     assert [values.shape for values in threaded] == [(3, 20, 24), (7, 32), (5, 16)]
     for values, mats in zip(threaded, stacks):
         np.testing.assert_allclose(values.numpy(), np.linalg.eigvalsh(mats.numpy()), rtol=1e-10, atol=1e-10)
+
+
+def test_infonce_chance_is_the_mean_over_all_shuffles_that_pair_no_prompt_with_itself():
+    """infonce_chance = the average of infonce over every derangement of view B's rows (brute force, M = 5)."""
+    import itertools
+
+    from layerwatch.metrics import infonce, infonce_chance
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    shuffles = [list(p) for p in itertools.permutations(range(5)) if all(p[i] != i for i in range(5))]
+    assert len(shuffles) == 44
+    brute = torch.stack([infonce(a, b[:, p], temperature=0.1) for p in shuffles]).mean(0)
+    torch.testing.assert_close(infonce_chance(a, b, temperature=0.1), brute, rtol=1e-10, atol=1e-10)
+    assert (infonce(a, b) < infonce_chance(a, b)).all()  # views that match their prompt beat chance
+    assert (infonce_chance(a, b) > math.log(5)).all()  # with temperature 0.1 chance is far above ln M
+    assert torch.isnan(infonce_chance(a[:, :1], b[:, :1])).all()  # no other prompt to pair with
