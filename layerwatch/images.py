@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 NOT_TO_SCALE = "one column per probe; not to scale"
 NAN_COLOUR = "#c8c8c8"
 TENSORBOARD_DPI = 100
+# TensorBoard shrinks an image to its card (about 350-450 px wide), so its pictures use larger text than the reports'.
+TENSORBOARD_SCALE = 1.6
 
 # Anchor colours of matplotlib's "viridis", linearly interpolated: dark purple = low, yellow = high.
 _VIRIDIS = np.array(
@@ -78,10 +80,13 @@ def set_step_scale(axes: "Axes", steps: Sequence[float]) -> None:
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
-def heatmap_size(steps: int, layers: int) -> tuple[float, float]:
-    """Figure size in inches of a layer x step heatmap: wide enough for the step labels, tall enough for the layers."""
-    width = min(14.0, max(7.0, 2.5 + 0.28 * steps))
-    height = min(11.0, max(3.4, 1.5 + 0.24 * layers))
+def heatmap_size(steps: int, layers: int, scale: float = 1.0) -> tuple[float, float]:
+    """Figure size in inches of a layer x step heatmap: wide enough for the step labels, tall enough for the layers.
+
+    ``scale`` > 1 enlarges the text (and the margins that hold it) relative to the plot.
+    """
+    width = min(14.0, max(7.0, 2.5 + 0.28 * steps)) + 2.2 * (scale - 1)
+    height = min(11.0, max(3.4, 1.5 + 0.24 * layers)) + 1.6 * (scale - 1)
     return width, height
 
 
@@ -151,24 +156,45 @@ def draw_heatmap(
 
 
 def heatmap_figure(
-    matrix: np.ndarray, steps: Sequence[int], layers: Sequence[int], *, metric: str, title: str | None = None
+    matrix: np.ndarray,
+    steps: Sequence[int],
+    layers: Sequence[int],
+    *,
+    metric: str,
+    title: str | None = None,
+    scale: float = 1.0,
 ) -> "Figure":
-    """A figure with one layer x step heatmap of ``metric`` and a colour bar labelled with its values."""
-    figure = new_figure(*heatmap_size(len(steps), len(layers)), layout=None)
-    axes = _axes_in_inches(figure, 0.75, 0.95, 1.45, 0.4)
+    """A figure with one layer x step heatmap of ``metric`` and a colour bar labelled with its values.
+
+    ``scale``: text size relative to matplotlib's default (render the figure inside :func:`text_scale` too).
+    """
+    figure = new_figure(*heatmap_size(len(steps), len(layers), scale), layout=None)
+    left, bottom, right, top = 0.75 * scale, 0.95 * scale, 1.45 * scale, 0.4 * scale
+    axes = _axes_in_inches(figure, left, bottom, right, top)
     image = draw_heatmap(axes, matrix, steps, layers, title=title or metric)
     width, height = figure.get_size_inches()
-    colour_axes = figure.add_axes((1 - 1.3 / width, 0.95 / height, 0.18 / width, 1 - 1.35 / height))
+    colour_left, colour_width = width - right + 0.15 * scale, 0.18 * scale
+    colour_axes = figure.add_axes((colour_left / width, bottom / height, colour_width / width, 1 - (bottom + top) / height))
     figure.colorbar(image, cax=colour_axes).set_label(metric)
     return figure
 
 
-def profile_figure(values: np.ndarray, layers: Sequence[int], *, metric: str, step: int) -> "Figure":
+def text_scale(scale: float) -> Any:
+    """A context in which matplotlib text is ``scale`` times its default size (ticks are laid out at draw time)."""
+    import matplotlib
+
+    return matplotlib.rc_context({"font.size": 10.0 * scale})
+
+
+def profile_figure(
+    values: np.ndarray, layers: Sequence[int], *, metric: str, step: int, scale: float = 1.0
+) -> "Figure":
     """Per-layer values as bars from zero (layer 0 on the left), each bar labelled with its value."""
     values = np.asarray(values, dtype=np.float64)
     layers = list(layers)
-    figure = new_figure(min(14.0, max(7.0, 2.0 + 0.42 * len(layers))), 4.0, layout=None)
-    axes = _axes_in_inches(figure, 0.85, 0.6, 0.2, 0.4)
+    width = min(14.0, max(7.0, 2.0 + 0.42 * len(layers))) + 1.0 * (scale - 1)
+    figure = new_figure(width, 4.0 + 1.0 * (scale - 1), layout=None)
+    axes = _axes_in_inches(figure, 0.85 * scale, 0.6 * scale, 0.2 * scale, 0.4 * scale)
     shown = np.nan_to_num(values, nan=0.0)
     colours = ["#3182bd" if v >= 0 else "#e6550d" for v in shown]
     bars = axes.bar(np.arange(len(layers)), shown, color=colours, width=0.8)
@@ -180,6 +206,7 @@ def profile_figure(values: np.ndarray, layers: Sequence[int], *, metric: str, st
     span = (high - low) or 1.0
     room = 0.25 if vertical else 0.12
     axes.set_ylim(low - (room * span if low < 0 else 0.0), high + room * span)
+    axes.set_xlim(-0.6, len(layers) - 0.4)
     ticks = tick_positions(len(layers), 40)
     axes.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize="small" if len(layers) > 20 else None)
     axes.set_xlabel("layer (0 = embeddings)")
@@ -216,8 +243,11 @@ def heatmap(
     layers = list(range(matrix.shape[0])) if layers is None else list(layers)
     if not have_matplotlib():
         return plain_heatmap(matrix)
-    figure = heatmap_figure(matrix, steps, layers, metric=metric or "value", title=metric or None)
-    return to_array(figure)
+    with text_scale(TENSORBOARD_SCALE):
+        figure = heatmap_figure(
+            matrix, steps, layers, metric=metric or "value", title=metric or None, scale=TENSORBOARD_SCALE
+        )
+        return to_array(figure)
 
 
 def depth_profile(
@@ -228,7 +258,9 @@ def depth_profile(
     layers = list(range(len(values))) if layers is None else list(layers)
     if not have_matplotlib():
         return plain_depth_profile(values)
-    return to_array(profile_figure(values, layers, metric=metric or "value", step=step))
+    with text_scale(TENSORBOARD_SCALE):
+        figure = profile_figure(values, layers, metric=metric or "value", step=step, scale=TENSORBOARD_SCALE)
+        return to_array(figure)
 
 
 def colourize(values: np.ndarray) -> np.ndarray:

@@ -11,8 +11,22 @@ SCALAR_PREFIX = "layerwatch"
 
 
 def scalar_tag(metric: str, layer: int) -> str:
-    """The TensorBoard tag of one metric at one layer, e.g. ``layerwatch/prompt_entropy/layer_03``."""
-    return f"{SCALAR_PREFIX}/{metric}/layer_{layer:02d}"
+    """The flat key of one metric at one layer, e.g. ``layerwatch/prompt_entropy/layer_03``.
+
+    Trackers without runs-within-runs (``accelerator.log``) get these keys; layerwatch's own TensorBoard writer uses
+    :func:`layer_run` and :func:`metric_tag` instead (earlier versions wrote these tags in the run itself).
+    """
+    return f"{SCALAR_PREFIX}/{metric}/{layer_run(layer)}"
+
+
+def layer_run(layer: int) -> str:
+    """The TensorBoard run (sub-folder of the run directory) that holds one layer's scalars, e.g. ``layer_03``."""
+    return f"layer_{layer:02d}"
+
+
+def metric_tag(metric: str) -> str:
+    """The tag of a metric inside a layer's TensorBoard run, e.g. ``layerwatch/prompt_entropy``."""
+    return f"{SCALAR_PREFIX}/{metric}"
 
 
 def _to_json_number(value: float) -> float | None:

@@ -110,7 +110,8 @@ class MetricSpec:
     """The declaration of one metric (see the module docstring).
 
     Attributes:
-        name: the metric's name in records, TensorBoard tags (``layerwatch/<name>/layer_<NN>``) and ``metrics=``.
+        name: the metric's name in records, TensorBoard tags (``layerwatch/<name>`` in each ``layer_NN`` run) and
+            ``metrics=``.
         description: one line for people (the report prints it).
         needs: what it needs from the probe, a subset of :data:`NEEDS`.
         compute: reduced buffers -> ``[layers]`` values; default for token metrics: mean of the per-prompt values.

@@ -23,6 +23,8 @@ from layerwatch.sinks import read_jsonl_records
 logger = logging.getLogger(__name__)
 
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
+_LAYER_RUN = re.compile(r"^layer_(?P<layer>\d+)$")
+_METRIC_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)$")
 
 
 class Run:
@@ -102,18 +104,24 @@ def _from_event_files(logdir: Path) -> Run:
     series: dict[tuple[str, int], dict[int, float]] = {}
     event_dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
     for directory in event_dirs:
+        layer_dir = _LAYER_RUN.match(directory.name) if directory.parent == logdir else None
         accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags().get("scalars", []):
-            match = _SCALAR_TAG.match(tag)
-            if match is None:
+            if layer_dir is not None:  # the layout with one TensorBoard run per layer: layer_NN/layerwatch/<metric>
+                match = _METRIC_TAG.match(tag)
+                key = None if match is None else (match["metric"], int(layer_dir["layer"]))
+            else:  # the earlier layout: layerwatch/<metric>/layer_NN in the run itself
+                match = _SCALAR_TAG.match(tag)
+                key = None if match is None else (match["metric"], int(match["layer"]))
+            if key is None:
                 continue
-            key = (match["metric"], int(match["layer"]))
             for event in accumulator.Scalars(tag):
                 series.setdefault(key, {})[int(event.step)] = float(event.value)
     if not series:
         raise FileNotFoundError(
-            f"{logdir} has neither {JSONL_NAME} nor TensorBoard scalars named '{SCALAR_PREFIX}/<metric>/layer_<NN>'"
+            f"{logdir} has neither {JSONL_NAME} nor TensorBoard scalars ('layer_<NN>/{SCALAR_PREFIX}/<metric>' or "
+            f"'{SCALAR_PREFIX}/<metric>/layer_<NN>')"
         )
     steps = sorted({s for points in series.values() for s in points})
     layers = sorted({layer for _, layer in series})
@@ -179,9 +187,11 @@ def read_run(logdir: str | os.PathLike) -> Run:
     """Read a run directory written by layerwatch (training, Accelerate or ``layerwatch trajectory``).
 
     Reads ``layerwatch.jsonl`` when present (tolerating a truncated last line), otherwise the TensorBoard event
-    files (for example a run written by hand with ``SummaryWriter`` under the same tag names). Given a folder that
-    is not a run itself, it reads the one run found below it (``Run.logdir`` says which, and it is logged); several
-    runs are never merged: :class:`SeveralRunsError` lists them.
+    files (for example a run written by hand with ``SummaryWriter`` under the same tag names): both the layout with
+    one TensorBoard run per layer (``layer_NN/`` holding ``layerwatch/<metric>``) and the earlier one with
+    ``layerwatch/<metric>/layer_NN`` tags in the run itself. Given a folder that is not a run itself, it reads the
+    one run found below it (``Run.logdir`` says which, and it is logged); several runs are never merged:
+    :class:`SeveralRunsError` lists them.
     """
     logdir = Path(logdir)
     if not logdir.is_dir():

@@ -4,9 +4,10 @@ A sink has ``write(record)``, ``write_errors(step, total_errors)`` (a no-op unle
 
 - :class:`JsonlSink`: ``layerwatch.jsonl``, one record per line, appended and flushed per probe (the source of truth
   that :func:`layerwatch.read_run` reads).
-- :class:`TensorBoardSink`: per-layer scalars, a custom-scalars layout with one chart per metric, histograms of the
-  per-prompt values the registry keeps (``histogram=True``), a layer x step heatmap (grown one column per probe)
-  and a depth-profile image per metric, alerts as text, and the running count of failed probes.
+- :class:`TensorBoardSink`: one TensorBoard run per layer (``layer_NN/``, a scalar per metric and histograms of the
+  per-prompt values the registry keeps), and in the run itself a custom-scalars layout with one chart per metric,
+  a layer x step heatmap (grown one column per probe) and a depth-profile image per metric, alerts as text, and the
+  running count of failed probes.
 
 Which sinks a run directory gets, the file names and the one-writer rule live in :mod:`layerwatch.rundir`.
 """
@@ -16,13 +17,14 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from layerwatch import images, registry
-from layerwatch.record import SCALAR_PREFIX, ProbeRecord, scalar_tag
+from layerwatch.record import SCALAR_PREFIX, ProbeRecord, layer_run, metric_tag
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +230,28 @@ class HeatmapHistory:
         return self._values[name][:, : len(self.steps)]
 
 
+NO_ALERTS = (
+    "No alerts so far (step {step}). layerwatch writes here when activations become non-finite, when a prompt or "
+    "dataset entropy collapses, or when a layer's per-prompt prompt entropy looks bimodal."
+)
+
+
 class TensorBoardSink(Sink):
-    """Writes probe records as TensorBoard events in ``logdir``.
+    """Writes probe records as TensorBoard events: one TensorBoard run per layer, so every layer is its own line.
+
+    Layout (``logdir`` is the run directory; ``NN`` the zero-padded layer):
+
+    - ``logdir/layer_NN/``: scalar ``layerwatch/<metric>`` for every metric, and histograms
+      ``layerwatch/<metric>_per_prompt`` of the per-prompt values the registry keeps. TensorBoard colours and lists
+      each ``layer_NN`` run separately, so a chart of ``layerwatch/<metric>`` holds every layer as its own line.
+    - ``logdir/``: the custom-scalars layout (one chart per metric), ``layerwatch/probe_seconds``,
+      ``layerwatch/errors`` (the running count of failed probes, 0 from the first probe), the heatmap and
+      depth-profile images per metric, and ``layerwatch/alerts`` text ("no alerts so far" at the first probe).
 
     Args:
         logdir: the run directory.
         purge_step: on resume, the first step to write again; events at or after it from the interrupted run are
-            hidden by TensorBoard (``SummaryWriter(purge_step=...)``).
+            hidden by TensorBoard (``SummaryWriter(purge_step=...)``), in every layer's run too.
         history: records already in the run (on resume), so heatmaps show the whole series.
     """
 
@@ -246,33 +263,54 @@ class TensorBoardSink(Sink):
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = Path(logdir)
+        self._purge_step = purge_step
         self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
+        self._layer_writers: dict[int, SummaryWriter] = {}
         self._history = HeatmapHistory()
-        self._layout_written = False
+        self._errors = 0
+        self._started = False
+        self._alerted_before = any(record.alerts for record in history or [])
         for record in history or []:
             self._history.add(record)
 
-    def _write_layout(self, record: ProbeRecord) -> None:
-        charts = {
-            name: ["Multiline", [scalar_tag(name, layer) for layer in record.layers]] for name in record.metrics
-        }
+    def _layer_writer(self, layer: int):
+        if layer not in self._layer_writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            path = self.logdir / layer_run(layer)
+            self._layer_writers[layer] = SummaryWriter(log_dir=str(path), purge_step=self._purge_step)
+        return self._layer_writers[layer]
+
+    def _start(self, record: ProbeRecord) -> None:
+        """At this sink's first record: the custom-scalars layout, the error count and the alerts text."""
+        charts = {name: ["Multiline", [f"^{re.escape(metric_tag(name))}$"]] for name in record.metrics}
         self._writer.add_custom_scalars({SCALAR_PREFIX: charts})
-        self._layout_written = True
+        self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", self._errors, record.step)
+        if not record.alerts and not self._alerted_before:
+            self._writer.add_text(f"{SCALAR_PREFIX}/alerts", NO_ALERTS.format(step=record.step), record.step)
+        self._started = True
+
+    def _write_layers(self, record: ProbeRecord) -> None:
+        for index, layer in enumerate(record.layers):
+            writer = self._layer_writer(layer)
+            for name, values in record.metrics.items():
+                if index < len(values):
+                    writer.add_scalar(metric_tag(name), float(values[index]), record.step)
+            for name in registry.histogram_metrics():  # the per-prompt values the record keeps
+                rows = record.per_prompt.get(name, [])
+                finite = np.asarray(rows[index] if index < len(rows) else [], dtype=np.float64)
+                finite = finite[np.isfinite(finite)]
+                if finite.size:
+                    writer.add_histogram(f"{metric_tag(name)}_per_prompt", finite, record.step)
+            writer.flush()
 
     def write(self, record: ProbeRecord) -> None:
         writer = self._writer
-        if not self._layout_written:
-            self._write_layout(record)
+        if not self._started:
+            self._start(record)
         self._history.add(record)
-        for tag, value in record.flat_scalars().items():
-            writer.add_scalar(tag, value, record.step)
+        self._write_layers(record)
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
-        for name in registry.histogram_metrics():  # the per-prompt values the record keeps
-            for layer, values in zip(record.layers, record.per_prompt.get(name, [])):
-                finite = np.asarray(values, dtype=np.float64)
-                finite = finite[np.isfinite(finite)]
-                if finite.size:
-                    writer.add_histogram(f"{SCALAR_PREFIX}/{name}_per_prompt/layer_{layer:02d}", finite, record.step)
         for name, values in record.metrics.items():
             matrix = self._history.matrix(name)
             picture = images.heatmap(matrix, self._history.steps, record.layers, metric=name)
@@ -285,10 +323,14 @@ class TensorBoardSink(Sink):
 
     def write_errors(self, step: int, total_errors: int) -> None:
         """The running count of failed probes, as ``layerwatch/errors``."""
+        self._errors = int(total_errors)
         self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", total_errors, step)
         self._writer.flush()
 
     def close(self) -> None:
+        writers, self._layer_writers = list(self._layer_writers.values()), {}
         if self._writer is not None:
-            self._writer.close()
+            writers.append(self._writer)
             self._writer = None
+        for writer in writers:
+            writer.close()

@@ -129,9 +129,9 @@ def test_without_trackers_falls_back_to_own_tensorboard_writer(tmp_path, probe):
     with LayerWatchAccelerate(accelerator, model, probe, every=2, metrics="light", batch_size=4) as watch:
         train(accelerator, model, optimizer, batches(3), watch)
     logdir = tmp_path / "proj" / "layerwatch"
-    assert len(event_files(logdir)) == 1
-    scalars = event_scalars(logdir)
-    assert scalars[FLAT_TAG] == [1, 2]
+    assert len(event_files(logdir)) == 1 and len(event_files(logdir / "layer_00")) == 1
+    scalars = event_scalars(logdir / "layer_00")  # layerwatch's own writer: one TensorBoard run per layer
+    assert scalars["layerwatch/rms"] == [1, 2]
     assert jsonl_steps(logdir) == [1, 2]
     assert (logdir / "probe.safetensors").exists()
 

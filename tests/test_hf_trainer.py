@@ -18,7 +18,7 @@ from layerwatch.demo import training_arguments
 from layerwatch.integrations.hf_trainer import LayerWatchCallback
 
 SEQ = 16
-TAG = "layerwatch/prompt_entropy/layer_{:02d}"
+TAG = "layerwatch/prompt_entropy"  # in the TensorBoard run of each layer, layer_NN/
 
 
 class CountingDataset:
@@ -60,10 +60,10 @@ def make_trainer(out, callbacks=(), *, steps=6, train=None, eval_data=None, mode
     )
 
 
-def scalar_steps(logdir, tag=TAG.format(1)):
+def scalar_steps(logdir, layer=1, tag=TAG):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    accumulator = EventAccumulator(str(logdir / f"layer_{layer:02d}"), size_guidance={"scalars": 0})
     accumulator.Reload()
     return [event.step for event in accumulator.Scalars(tag)], accumulator.Tags()["scalars"]
 
@@ -110,7 +110,7 @@ def test_tensorboard_and_jsonl_series(runs):
     steps, tags = scalar_steps(logdir)
     assert steps == [1, 2, 4, 6]
     for layer in (0, 1, 2):
-        assert TAG.format(layer) in tags
+        assert TAG in scalar_steps(logdir, layer)[1]
     # The probe came from the evaluation dataset (ids >= 64), not from the training rows.
     probe = layerwatch.Probe.load(logdir / "probe.safetensors")
     assert probe.num_prompts == 8

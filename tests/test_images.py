@@ -29,14 +29,14 @@ def test_heatmap_has_axes_labels_and_a_colour_bar():
     picture = images.heatmap(matrix, STEPS, LAYERS, metric="prompt_entropy")
     height, width, channels = picture.shape
     assert channels == 3 and picture.dtype == np.uint8
-    assert width >= 680 and height >= 330  # readable without zooming (the old picture was 408 x 60 with no text)
-    dpi = images.TENSORBOARD_DPI
-    left, bottom, right = int(0.75 * dpi), int(0.95 * dpi), int(1.45 * dpi)  # the fixed margins, in pixels
+    assert width >= 800 and height >= 440  # readable without zooming (the old picture was 408 x 60 with no text)
+    dpi, scale = images.TENSORBOARD_DPI, images.TENSORBOARD_SCALE
+    left, bottom, right, top = (int(m * scale * dpi) for m in (0.75, 0.95, 1.45, 0.4))  # the margins, in pixels
     assert _dark(picture[:, : left - 4]) > 200  # layer tick labels and the "layer" axis label
     assert _dark(picture[height - bottom + 4 :, left:-right]) > 300  # step tick labels and the "step" label
     assert _dark(picture[:, width - right // 2 :]) > 100  # the colour bar's values and label
     # data cells: layer 0 at the bottom, the first step on the left (lowest value = dark purple), highest top right
-    plot = picture[int(0.4 * dpi) + 3 : height - bottom - 3, left + 3 : width - right - 3]
+    plot = picture[top + 3 : height - bottom - 3, left + 3 : width - right - 3]
     assert _near(plot[-2, 2], VIRIDIS_LOW) and _near(plot[2, -2], VIRIDIS_HIGH)
     # the log-spaced steps are drawn as equal columns, and the chart says so
     figure = images.heatmap_figure(matrix, STEPS, LAYERS, metric="prompt_entropy")

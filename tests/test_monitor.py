@@ -99,26 +99,36 @@ def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
     assert {"step", "time", "layers", "metrics", "wall_time_s", "settings"} <= set(first)
     assert first["settings"]["preset"] == "standard" and first["wall_time_s"] > 0
 
-    accumulator = event_accumulator(tmp_path)
+    # One TensorBoard run per layer (layer_NN/), one tag per metric: every layer is its own coloured line.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["layer_00", "layer_01", "layer_02"]
+    for layer in range(3):
+        layer_events = event_accumulator(tmp_path / f"layer_{layer:02d}")
+        assert sorted(layer_events.Tags()["scalars"]) == sorted(f"layerwatch/{name}" for name in run.metrics)
+        for name in run.metrics:
+            points = layer_events.Scalars(f"layerwatch/{name}")
+            assert [e.step for e in points] == probed
+            np.testing.assert_allclose([e.value for e in points], run.metric(name)[:, layer], rtol=1e-6)
+        assert {"layerwatch/prompt_entropy_per_prompt", "layerwatch/curvature_per_prompt"} <= set(
+            layer_events.Tags()["histograms"]
+        )
+    accumulator = event_accumulator(tmp_path)  # the run itself: run-level scalars, pictures, alerts, layout
     tags = accumulator.Tags()
-    assert "layerwatch/prompt_entropy/layer_00" in tags["scalars"]
-    assert "layerwatch/lidar/layer_02" in tags["scalars"]
-    assert [e.step for e in accumulator.Scalars("layerwatch/dataset_entropy/layer_01")] == probed
-    values = [e.value for e in accumulator.Scalars("layerwatch/dataset_entropy/layer_01")]
-    np.testing.assert_allclose(values, run.metric("dataset_entropy")[:, 1], rtol=1e-6)
-    assert "layerwatch/prompt_entropy_per_prompt/layer_01" in tags["histograms"]
+    assert sorted(tags["scalars"]) == ["layerwatch/errors", "layerwatch/probe_seconds"]
+    assert [(e.step, e.value) for e in accumulator.Scalars("layerwatch/errors")] == [(1, 0.0)]
+    alerts = accumulator.Tensors("layerwatch/alerts/text_summary")
+    assert [e.step for e in alerts] == [1] and b"No alerts so far (step 1)" in alerts[0].tensor_proto.string_val[0]
     assert "layerwatch/heatmap/prompt_entropy" in tags["images"]
     assert "layerwatch/depth_profile/curvature" in tags["images"]
     heatmaps = accumulator.Images("layerwatch/heatmap/prompt_entropy")
     assert len(heatmaps) == 4 and [h.step for h in heatmaps] == probed  # redrawn with each new step
-    assert all(h.width >= 680 and h.height >= 330 for h in heatmaps)  # a labelled chart, readable without zooming
+    assert all(h.width >= 800 and h.height >= 440 for h in heatmaps)  # a labelled chart, readable without zooming
     assert "custom_scalars__config__" in tags["tensors"]
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     layout = layout_pb2.Layout()
     layout.ParseFromString(accumulator.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    assert charts["prompt_entropy"] == [f"layerwatch/prompt_entropy/layer_{i:02d}" for i in range(3)]
+    assert charts["prompt_entropy"] == ["^layerwatch/prompt_entropy$"]  # a regex over the layer runs' tags
     assert set(charts) == set(run.metrics)
 
 
@@ -153,6 +163,20 @@ def test_read_run_reads_a_tensorboard_only_run(tmp_path):
     run = layerwatch.read_run(tmp_path)
     assert run.steps.tolist() == [10, 20] and run.layers == [0, 1, 2] and run.metrics == ["prompt_entropy"]
     np.testing.assert_array_equal(run.metric("prompt_entropy"), [[10, 11, 12], [20, 21, 22]])
+
+
+def test_read_run_reads_the_per_layer_tensorboard_layout_without_jsonl(tmp_path):
+    model = tiny_model("gpt2")
+    with LayerWatch(make_probe(), logdir=tmp_path, metrics="light") as watch:
+        watch.run(model, 1)
+        watch.run(model, 5)
+    from_jsonl = layerwatch.read_run(tmp_path)
+    (tmp_path / "layerwatch.jsonl").unlink()
+    from_events = layerwatch.read_run(tmp_path)
+    assert from_events.steps.tolist() == [1, 5] and from_events.layers == from_jsonl.layers
+    assert sorted(from_events.metrics) == sorted(from_jsonl.metrics)  # errors and probe_seconds are not metrics
+    for name in from_jsonl.metrics:
+        np.testing.assert_allclose(from_events.metric(name), from_jsonl.metric(name), rtol=1e-6, equal_nan=True)
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):
@@ -252,7 +276,7 @@ def test_a_failing_probe_warns_once_counts_and_training_goes_on(tmp_path, caplog
     assert watch.run(model, 3) is not None
     watch.close()
     accumulator = event_accumulator(tmp_path)
-    assert [e.value for e in accumulator.Scalars("layerwatch/errors")] == [1, 2]
+    assert [(e.step, e.value) for e in accumulator.Scalars("layerwatch/errors")] == [(1, 1), (2, 2), (3, 2)]
     assert layerwatch.read_run(tmp_path).steps.tolist() == [3]
     strict = LayerWatch(make_probe(), logdir=None, metrics="light", strict=True)
     block.register_forward_hook(explode)
@@ -289,8 +313,9 @@ def test_collapse_alerts_fire_once_per_condition(tmp_path):
     assert len(collapse) == 3  # dataset entropy under the (impossible) floor 2.0 at two probes, three layers
     assert all("2 consecutive probes (steps 1 to 2)" in a for a in collapse)
     assert not [a for a in third.alerts if a.startswith("collapse")]
-    texts = event_accumulator(tmp_path).Tags()["tensors"]
-    assert any(tag.startswith("layerwatch/alerts") for tag in texts)
+    alerts = event_accumulator(tmp_path).Tensors("layerwatch/alerts/text_summary")
+    texts = [e.tensor_proto.string_val[0].decode() for e in alerts]
+    assert texts[0].startswith("No alerts so far (step 1)") and texts[1:] == collapse
 
 
 def test_layers_override_and_a_model_without_blocks():

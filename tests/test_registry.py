@@ -113,10 +113,12 @@ def test_a_registered_metric_reaches_record_jsonl_tensorboard_read_run_alerts_an
     events.Reload()
     tags = events.Tags()
     for layer in range(layers):
-        values = [e.value for e in events.Scalars(f"layerwatch/test_pooled_norm/layer_{layer:02d}")]
+        layer_events = EventAccumulator(str(tmp_path / f"layer_{layer:02d}"), size_guidance={"scalars": 0})
+        layer_events.Reload()
+        values = [e.value for e in layer_events.Scalars("layerwatch/test_pooled_norm")]
         np.testing.assert_allclose(values, [expected_norm[layer]] * 2, rtol=1e-4)
-    assert "layerwatch/test_token_count_per_prompt/layer_01" in tags["histograms"]
-    assert "layerwatch/test_pooled_norm_per_prompt/layer_01" not in tags["histograms"]
+        assert "layerwatch/test_token_count_per_prompt" in layer_events.Tags()["histograms"]
+        assert "layerwatch/test_pooled_norm_per_prompt" not in layer_events.Tags()["histograms"]
     assert {"layerwatch/heatmap/test_pooled_norm", "layerwatch/depth_profile/test_token_count"} <= set(tags["images"])
     assert any("collapse: test_token_count" in str(e.tensor_proto.string_val) for e in events.Tensors("layerwatch/alerts/text_summary"))
 
