@@ -152,8 +152,8 @@ def heatmaps_figure(runs: Sequence["Run"], labels: Sequence[str], metric: str) -
     image = None
     for axes, run, label, matrix in zip(axes_list, runs, labels, matrices):
         image = images.draw_heatmap(axes, matrix, run.steps, run.layers, vmin=vmin, vmax=vmax, title=label)
-    figure.colorbar(image, ax=list(axes_list)).set_label(f"{metric} (one scale for all runs)")
-    figure.suptitle(f"{metric}: layer x step, runs side by side")
+    figure.colorbar(image, ax=list(axes_list)).set_label(metric)
+    figure.suptitle(f"{metric}: layer x step, runs side by side on one colour scale")
     return figure
 
 
@@ -168,6 +168,8 @@ def profiles_figure(runs: Sequence["Run"], labels: Sequence[str], metric: str, s
             axes.plot(run.layers, values, marker="o", ms=3.5, lw=1.6, color=colour, label=label)
         axes.set_title(f"step {step}")
         axes.set_xlabel("layer (0 = embeddings)")
+        layers = runs[0].layers
+        axes.set_xticks([layers[i] for i in images.tick_positions(len(layers), 17)])
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel(metric)
     axes_list[0].legend(fontsize="small")

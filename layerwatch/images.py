@@ -211,7 +211,7 @@ def profile_figure(
     axes.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize="small" if len(layers) > 20 else None)
     axes.set_xlabel("layer (0 = embeddings)")
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} across depth at step {step} (bars from 0)")
+    axes.set_title(f"{metric} at step {step}")
     axes.grid(axis="y", alpha=0.3)
     return figure
 
