@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,9 +118,15 @@ def _jsonl_steps(logdir: str) -> list[int]:
 
 
 def _assert_single_writer(outdir: str, logdir: str, steps: list[int]) -> None:
-    """One event file and one JSONL in the whole job, both in ``logdir``, with the expected steps."""
+    """One JSONL and one TensorBoard writer in the whole job, in ``logdir``, with the expected steps.
+
+    The writer makes one event file in ``logdir`` and one in each layer's run ``logdir/layer_NN``.
+    """
     events = glob.glob(os.path.join(outdir, "**", "events.out.tfevents.*"), recursive=True)
-    assert [os.path.dirname(path) for path in events] == [logdir], events
+    directories = sorted(os.path.dirname(path) for path in events)
+    assert directories[0] == logdir and len(set(directories)) == len(directories), events
+    assert all(re.fullmatch(r"layer_\d\d", os.path.relpath(d, logdir)) for d in directories[1:]), events
+    assert len(directories) > 1, events
     jsonls = glob.glob(os.path.join(outdir, "**", "layerwatch.jsonl"), recursive=True)
     assert jsonls == [os.path.join(logdir, "layerwatch.jsonl")], jsonls
     recorded = _jsonl_steps(logdir)
@@ -211,7 +218,9 @@ def test_fsdp_writes_one_run_and_matches_single_process(fsdp_job, flavour):
 def test_fsdp_job_has_no_other_writers(fsdp_job):
     outdir, _ = fsdp_job
     events = glob.glob(os.path.join(outdir, "**", "events.out.tfevents.*"), recursive=True)
-    assert sorted(os.path.basename(os.path.dirname(path)) for path in events) == ["fsdp1", "fsdp2"]
+    runs = [os.path.relpath(os.path.dirname(path), outdir).split(os.sep) for path in events]
+    assert sorted(run[0] for run in runs if len(run) == 1) == ["fsdp1", "fsdp2"]  # one writer per run directory
+    assert all(len(run) == 2 and re.fullmatch(r"layer_\d\d", run[1]) for run in runs if len(run) != 1), runs
 
 
 @pytest.mark.parametrize("flavour", ["fsdp1", "fsdp2"])
