@@ -228,12 +228,15 @@ def set_level_metrics(
     A layer with non-finite activations has no trustworthy metric: when health is collected, every other metric is
     NaN at such layers.
     """
-    values = {name: REGISTRY[name].set_value(inputs).double() for name in names}
+    for name in sorted(names, key=list(REGISTRY).index):  # registry order: later metrics may read earlier ones
+        inputs.computed[name] = REGISTRY[name].set_value(inputs).double()
+    # one-number metrics (best_layer) stay in inputs.computed: the record keeps them apart (record.scalars)
+    values = {name: inputs.computed[name] for name in names if not REGISTRY[name].scalar}
     if inputs.health is not None:
         broken = inputs.health[:, 2] > 0
         for name, per_layer in values.items():
             if HEALTH not in REGISTRY[name].needs:
                 values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
-    metrics = {name: per_layer.cpu().tolist() for name, per_layer in values.items()}
+    metrics = {name: values[name].cpu().tolist() for name in names if name in values}
     per_prompt = {name: inputs.per_prompt[name].tolist() for name in names if REGISTRY[name].histogram}
     return metrics, per_prompt

@@ -39,6 +39,7 @@ from layerwatch.capture import LayerHooks, isolated, model_device
 from layerwatch.collect import Collector, ProbeError, all_ranks_max, distributed, passes, set_level_metrics
 from layerwatch.model_facts import ModelFacts, model_facts
 from layerwatch.probe import Probe
+from layerwatch.references import References
 from layerwatch.record import ProbeRecord
 from layerwatch.registry import resolve_metrics
 from layerwatch.rundir import open_sinks
@@ -119,6 +120,20 @@ def _settings(watch: "LayerWatch", world: int) -> dict[str, Any]:
     }
 
 
+def _labelled_metrics(names: tuple[str, ...], probe: Probe, *, explicit: bool) -> tuple[str, ...]:
+    """``names`` without the metrics that need labels when the probe has none (an explicit request is refused)."""
+    if probe.labels is not None:
+        return names
+    needing = [name for name in names if registry.LABELS in registry.REGISTRY[name].needs]
+    if needing and explicit:
+        raise ValueError(
+            f"metrics= includes {needing}, which need a probe with labels; build it with "
+            "Probe.from_texts(..., labels=...), Probe.from_dataset(..., label_column=...) or "
+            "Probe.from_tensors(..., labels=...)"
+        )
+    return tuple(name for name in names if name not in needing)
+
+
 class LayerWatch:
     """Probe a model's layers during training and log per-layer representation metrics.
 
@@ -178,6 +193,7 @@ class LayerWatch:
             every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
         )
         self.preset, self.metric_names, lidar_views = resolve_metrics(metrics)
+        self.metric_names = _labelled_metrics(self.metric_names, probe, explicit=not isinstance(metrics, str))
         check_memory_budget(probe.num_prompts, self.metric_names, memory_budget)
         if lidar_views and len(probe.views) < lidar_views:
             probe = probe.with_views(lidar_views)
@@ -201,6 +217,11 @@ class LayerWatch:
             self.schedule.last_step = resume_step
         if self.is_main_process:
             self._open_sinks(list(sinks or []), tensorboard, jsonl, resume_step)
+        self.references = None
+        if any(registry.REFERENCE in registry.REGISTRY[name].needs for name in self.metric_names):
+            self.references = References(
+                probe.series_hash(0), self.logdir, resume_step=resume_step, write=self.is_main_process
+            )
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
@@ -320,8 +341,19 @@ class LayerWatch:
         collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
         local_error = self._forward(model, facts, collector)
         collector.reduce_across_ranks(local_error)
-        metrics, per_prompt = set_level_metrics(self.metric_names, collector.set_inputs(self.seed))
-        return self._record(step, started, len(blocks) + 1, metrics, per_prompt)
+        inputs = collector.set_inputs(self.seed)
+        inputs.labels, inputs.probe_seed = self.probe.labels, self.probe.seed
+        if self.references is not None:
+            inputs.reference = self.references.for_probe(inputs.pooled)
+        metrics, per_prompt = set_level_metrics(self.metric_names, inputs)
+        scalars = {name: float(inputs.computed[name]) for name in self.metric_names if registry.REGISTRY[name].scalar}
+        notes = []
+        if self.references is not None:
+            self.references.update(inputs.pooled, step)
+            notes = self.references.take_reasons()
+        record = self._record(step, started, len(blocks) + 1, metrics, per_prompt)
+        record.scalars, record.alerts = scalars, notes + record.alerts
+        return record
 
     def _forward(self, model: nn.Module, facts: ModelFacts, collector: Collector) -> BaseException | None:
         """Every micro-batch through ``model``, the hooks feeding ``collector``; the first error, if any."""

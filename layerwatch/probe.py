@@ -132,6 +132,24 @@ def _tensors_digest(digest: Any, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _check_probe_labels(labels: object, num_prompts: int) -> list[int | str] | None:
+    """The labels as a list of ints or strings, checked for probe_accuracy's folds; None stays None."""
+    if labels is None:
+        return None
+    from layerwatch.metrics import check_labels
+
+    values = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"labels must be a list with one class (int or str) per prompt, got {type(labels).__name__}")
+    out: list[int | str] = []
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (str, int)) and not hasattr(value, "__index__"):
+            raise TypeError(f"labels[{index}] must be an int or a str (a class), got {type(value).__name__}")
+        out.append(value if isinstance(value, str) else int(value))
+    check_labels(out, num_prompts)  # ValueError: one class, too few prompts per class, wrong length
+    return out
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
 
@@ -158,12 +176,15 @@ class Probe:
         pad_token_id: the id in padding positions.
         special_token_ids: ids never edited by the augmentation nor drawn as random tokens.
         edit_fraction: the augmentation's fraction of edited positions per operation.
+        labels: optional class of each prompt (ints or strings), for ``probe_accuracy`` and ``best_layer``: at
+            least two classes with at least :data:`layerwatch.metrics.PROBE_FOLDS` prompts each.
 
     Attributes:
         input_ids: ``[B, T]`` ``torch.long``, right-padded with ``pad_token_id``.
         attention_mask: ``[B, T]`` ``torch.long``, 1 on real tokens.
         views: list of ``(input_ids, attention_mask)`` pairs, each ``[B, T_k]``, right-padded.
-        vocab_size, seed, tokenizer_name, pad_token_id, special_token_ids, edit_fraction: as above.
+        vocab_size, seed, tokenizer_name, pad_token_id, special_token_ids, edit_fraction, labels: as above
+            (``labels`` is a list, or None for an unlabelled probe).
 
     Example:
         >>> import torch
@@ -190,6 +211,7 @@ class Probe:
         pad_token_id: int = 0,
         special_token_ids: Sequence[int] = (),
         edit_fraction: float = DEFAULT_EDIT_FRACTION,
+        labels: Sequence[int | str] | torch.Tensor | None = None,
     ) -> None:
         vocab_size = check_int(vocab_size, "vocab_size", minimum=1, hint=" (e.g. len(tokenizer))")
         seed = check_int(seed, "seed")
@@ -224,6 +246,7 @@ class Probe:
         self.pad_token_id: int = pad_token_id
         self.special_token_ids: tuple[int, ...] = special
         self.edit_fraction: float = edit_fraction
+        self.labels: list[int | str] | None = _check_probe_labels(labels, self.num_prompts)
 
     # ---------------------------------------------------------------------------------------------
     # Constructors: built in layerwatch.probe_sources (signatures and docstrings there)
@@ -293,6 +316,7 @@ class Probe:
             "num_prompts": self.num_prompts,
             "num_views": len(self.views),
             "augmentation": self._augmentation_settings(),
+            "labels": self.labels,
             "content_hash": self.content_hash,
         }
 
@@ -304,7 +328,7 @@ class Probe:
         """sha256 (hex) over the clean batch, every view, and the settings that determine them.
 
         Covered: all tensors (as little-endian int64 with their shapes), ``vocab_size``, ``seed``,
-        ``pad_token_id``, ``special_token_ids`` and the augmentation settings. Not covered:
+        ``pad_token_id``, ``special_token_ids``, the augmentation settings and the labels. Not covered:
         ``tokenizer_name`` (a label: the same tokenizer loaded from a local path hashes the same).
         """
         digest = hashlib.sha256()
@@ -315,6 +339,8 @@ class Probe:
             "special_token_ids": list(self.special_token_ids),
             "augmentation": self._augmentation_settings(),
         }
+        if self.labels is not None:  # labels define the series too; an unlabelled probe hashes as before
+            settings["labels"] = self.labels
         digest.update(f"{PROBE_FORMAT}:{PROBE_FORMAT_VERSION}\n".encode())
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return _tensors_digest(digest, self._named_tensors())
@@ -330,6 +356,8 @@ class Probe:
         """
         views = check_int(views, "views", minimum=0, hint=" (the number of augmented views the metrics use)")
         digest = hashlib.sha256(f"layerwatch-series:{views}\n".encode())
+        if self.labels is not None:  # the labels define the series too (probe_accuracy); unlabelled: as before
+            digest.update(f"labels:{json.dumps(self.labels)}\n".encode())
         return _tensors_digest(digest, self.with_views(views)._named_tensors())
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
@@ -343,6 +371,7 @@ class Probe:
         return (
             f"Probe(num_prompts={self.num_prompts}, max_length={self.max_length()}, views={len(self.views)}, "
             f"vocab_size={self.vocab_size}, tokenizer_name={self.tokenizer_name!r}, seed={self.seed}, "
+            f"{'' if self.labels is None else f'classes={len(set(self.labels))}, '}"
             f"content_hash={self.content_hash[:12]!r})"
         )
 
@@ -356,8 +385,8 @@ class Probe:
         Tensors: ``input_ids``, ``attention_mask``, ``view_<k>_input_ids``, ``view_<k>_attention_mask``
         (int64). Header metadata (strings): ``format`` (``"layerwatch-probe"``), ``format_version``,
         ``layerwatch_version``, ``vocab_size``, ``seed``, ``pad_token_id``, ``num_views``,
-        ``content_hash``, ``tokenizer_name`` (absent when unknown), and JSON ``special_token_ids`` and
-        ``augmentation``. If ``path`` is an existing directory the file is ``<path>/probe.safetensors``.
+        ``content_hash``, ``tokenizer_name`` (absent when unknown), and JSON ``special_token_ids``,
+        ``augmentation`` and ``labels`` (absent for an unlabelled probe). If ``path`` is an existing directory the file is ``<path>/probe.safetensors``.
         Parent directories are created; the file is written to a temporary file and renamed into
         place, so a reader never sees a partial probe.
         """
@@ -390,6 +419,8 @@ class Probe:
         }
         if self.tokenizer_name is not None:
             metadata["tokenizer_name"] = self.tokenizer_name
+        if self.labels is not None:
+            metadata["labels"] = json.dumps(self.labels)
         return metadata
 
     @classmethod
@@ -457,6 +488,7 @@ def _probe_from_file(
             pad_token_id=int(metadata["pad_token_id"]),
             special_token_ids=json.loads(metadata["special_token_ids"]),
             edit_fraction=float(augmentation.get("edit_fraction", DEFAULT_EDIT_FRACTION)),
+            labels=json.loads(metadata["labels"]) if "labels" in metadata else None,
         )
         stored_hash = str(metadata["content_hash"])
     except Exception as exc:  # noqa: BLE001 - whatever a crafted header or tensor triggers, it is a bad file

@@ -52,15 +52,17 @@ class _Prompts:
         self.max_length = max_length
         self.tokenizer = tokenizer
         self.sequences: list[list[int]] = []
+        self.tags: list[Any] = []  # one per kept prompt: its label (None when unlabelled)
         self.dropped = 0
         self._texts: list[str] = []
+        self._text_tags: list[Any] = []
 
     @property
     def full(self) -> bool:
         return len(self.sequences) >= self.wanted
 
-    def add_ids(self, ids: list[int]) -> None:
-        """One prompt's token ids (truncated to ``max_length``); ignored once full."""
+    def add_ids(self, ids: list[int], tag: Any = None) -> None:
+        """One prompt's token ids (truncated to ``max_length``) and its label; ignored once full."""
         if self.full:
             return
         if self.max_length is not None:
@@ -69,24 +71,30 @@ class _Prompts:
             self.dropped += 1
         else:
             self.sequences.append(ids)
+            self.tags.append(tag)
 
-    def add_text(self, text: str) -> None:
-        """One prompt's text, tokenized with the next batch (about as many texts as prompts still missing)."""
+    def add_text(self, text: str, tag: Any = None) -> None:
+        """One prompt's text (and label), tokenized with the next batch (about as many texts as prompts missing)."""
         self._texts.append(text)
+        self._text_tags.append(tag)
         if len(self._texts) >= max(self.wanted - len(self.sequences), _MIN_TOKENIZE_BATCH):
             self.flush()
 
     def flush(self) -> None:
         """Tokenize the pending texts and keep their prompts."""
         texts, self._texts = self._texts, []
+        tags, self._text_tags = self._text_tags, []
         if not texts:
             return
         encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)
-        for ids in encoded["input_ids"]:
-            self.add_ids([int(token) for token in ids])
+        for ids, tag in zip(encoded["input_ids"], tags):
+            self.add_ids([int(token) for token in ids], tag)
 
-    def probe(self, cls: type[Probe], source: str, why_none: str, *, views: int, **settings: Any) -> Probe:
-        """A ``cls`` probe of the collected prompts (``settings``: the constructor's keywords) with ``views`` views."""
+    def probe(
+        self, cls: type[Probe], source: str, why_none: str, *, views: int, labelled: bool = False, **settings: Any
+    ) -> Probe:
+        """A ``cls`` probe of the collected prompts (``settings``: the constructor's keywords) with ``views`` views;
+        ``labelled``: the kept prompts' tags are the probe's labels."""
         self.flush()
         if self.dropped:
             logger.warning(
@@ -101,12 +109,24 @@ class _Prompts:
         for row, seq in enumerate(self.sequences):
             ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
-        return cls(ids, mask, **settings).with_views(views)
+        return cls(ids, mask, labels=self.tags if labelled else None, **settings).with_views(views)
 
 
 # --------------------------------------------------------------------------------------------------
 # Checks and tokenizer settings
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_labels_length(labels: object, count: int, what: str) -> list[Any] | None:
+    """``labels`` as a list with one entry per ``what`` (None stays None); the values are checked by Probe."""
+    if labels is None:
+        return None
+    values = labels.tolist() if isinstance(labels, torch.Tensor) else labels
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"labels must be a list with one class (int or str) per {what}, got {type(labels).__name__}")
+    if len(values) != count:
+        raise ValueError(f"labels has {len(values)} entries but there are {count} {what}s; give one label per {what}")
+    return list(values)
 
 
 def _check_views_count(views: object) -> int:
@@ -190,6 +210,7 @@ def from_texts(
     views: int = 2,
     seed: int = 0,
     edit_fraction: float = DEFAULT_EDIT_FRACTION,
+    labels: Sequence[int | str] | None = None,
 ) -> Probe:
     """Build a probe from raw texts and a Hugging Face tokenizer.
 
@@ -206,8 +227,10 @@ def from_texts(
         max_length: longest prompt in tokens (>= 3).
         num_prompts: number of prompts to keep (``None``: all usable texts).
         views: number of augmented views to generate.
-        seed: seed of the views.
+        seed: seed of the views (and of ``probe_accuracy``'s folds).
         edit_fraction: fraction of positions edited per augmentation operation.
+        labels: optional class (int or str) of each text, aligned with ``texts``; the labels of dropped texts
+            are dropped with them. Enables ``probe_accuracy`` and ``best_layer``.
     """
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a list of strings, got a single string; wrap it: [text]")
@@ -225,20 +248,24 @@ def from_texts(
     views = _check_views_count(views)
     seed = check_int(seed, "seed")
     settings = _tokenizer_settings(tokenizer)
+    tags = _check_labels_length(labels, len(texts), "text")
 
-    candidates = [text for text in texts if text.strip()]
+    candidates = [(text, None if tags is None else tags[i]) for i, text in enumerate(texts) if text.strip()]
     wanted = len(candidates) if num_prompts is None else num_prompts
     prompts = _Prompts(wanted, max_length=max_length, tokenizer=tokenizer)
-    for text in candidates:
+    for text, tag in candidates:
         if prompts.full:
             break
-        prompts.add_text(text)
+        prompts.add_text(text, tag)
     prompts.flush()
     settings["vocab_size"] = _vocab_covering(settings["vocab_size"], prompts.sequences)
     if num_prompts is not None and len(prompts.sequences) < num_prompts:
         logger.info("layerwatch probe: %d usable prompt(s) found (num_prompts=%d)", len(prompts.sequences), num_prompts)
     why_none = f"every prompt was empty or shorter than {MIN_PROMPT_LENGTH} tokens; pass longer texts"
-    return prompts.probe(cls, "texts", why_none, views=views, seed=seed, edit_fraction=edit_fraction, **settings)
+    return prompts.probe(
+        cls, "texts", why_none, views=views, labelled=tags is not None, seed=seed, edit_fraction=edit_fraction,
+        **settings,
+    )
 
 
 def from_tensors(
@@ -253,6 +280,7 @@ def from_tensors(
     special_token_ids: Sequence[int] = (),
     edit_fraction: float = DEFAULT_EDIT_FRACTION,
     tokenizer_name: str | None = None,
+    labels: Sequence[int | str] | torch.Tensor | None = None,
 ) -> Probe:
     """Build a probe from a padded batch of token ids.
 
@@ -266,8 +294,9 @@ def from_tensors(
         special_token_ids: ids never edited (and never drawn) by the augmentation, e.g. BOS/EOS.
         edit_fraction: fraction of positions edited per augmentation operation.
         tokenizer_name: optional name recorded with the probe.
+        labels: optional class (int or str) of each row; enables ``probe_accuracy`` and ``best_layer``.
 
-    Rows with fewer than 3 real tokens are dropped with a warning.
+    Rows with fewer than 3 real tokens are dropped with a warning (with their labels).
     """
     vocab_size = check_int(vocab_size, "vocab_size", minimum=1, hint=" (e.g. model.config.vocab_size)")
     views = _check_views_count(views)
@@ -276,12 +305,14 @@ def from_tensors(
     if ids.shape[0] == 0:
         raise ValueError("input_ids has no prompts (0 rows); a probe needs at least one prompt")
     check_id_range(ids, mask, vocab_size, "input_ids")
+    tags = _check_labels_length(labels, ids.shape[0], "row")
     prompts = _Prompts(ids.shape[0])
-    for row_ids, row_mask in zip(ids.long(), mask):
-        prompts.add_ids(row_ids[row_mask].tolist())
+    for index, (row_ids, row_mask) in enumerate(zip(ids.long(), mask)):
+        prompts.add_ids(row_ids[row_mask].tolist(), None if tags is None else tags[index])
     why_none = f"every row has fewer than {MIN_PROMPT_LENGTH} real tokens (check attention_mask)"
     return prompts.probe(
-        cls, "input_ids", why_none, views=views, vocab_size=vocab_size, seed=seed, tokenizer_name=tokenizer_name,
+        cls, "input_ids", why_none, views=views, labelled=tags is not None, vocab_size=vocab_size, seed=seed,
+        tokenizer_name=tokenizer_name,
         pad_token_id=pad_token_id, special_token_ids=special_token_ids, edit_fraction=edit_fraction,
     )
 
@@ -305,6 +336,7 @@ def from_dataset(
     pad_token_id: int | None = None,
     special_token_ids: Sequence[int] | None = None,
     edit_fraction: float = DEFAULT_EDIT_FRACTION,
+    label_column: str | None = None,
 ) -> Probe:
     """Build a probe from rows of a dataset, chosen deterministically from ``seed``.
 
@@ -329,8 +361,12 @@ def from_dataset(
         pad_token_id: overrides the tokenizer's pad id (default without tokenizer: 0).
         special_token_ids: overrides the tokenizer's special ids (default without tokenizer: none).
         edit_fraction: fraction of positions edited per augmentation operation.
+        label_column: optional key of each row's class (int or str); enables ``probe_accuracy`` and
+            ``best_layer``.
     """
     _check_dataset(dataset, text_column)
+    if label_column is not None and not isinstance(label_column, str):
+        raise TypeError(f"label_column must be a str or None, got {type(label_column).__name__}")
     if tokenizer is not None:
         _check_tokenizer(tokenizer)
     max_length = _check_max_length(max_length)
@@ -341,7 +377,7 @@ def from_dataset(
     num_rows = _check_rows(dataset, text_column)
     prompts = _Prompts(num_rows if num_prompts is None else num_prompts, max_length=max_length, tokenizer=tokenizer)
     max_rows = num_rows if num_prompts is None else max(_MAX_ROWS_FACTOR * num_prompts, _MIN_ROWS_EXAMINED)
-    examined = _collect_rows(dataset, prompts, text_column, _row_order(num_rows, seed), max_rows)
+    examined = _collect_rows(dataset, prompts, text_column, _row_order(num_rows, seed), max_rows, label_column)
     prompts.flush()
     if tokenizer is not None and vocab_size is None:
         settings["vocab_size"] = _vocab_covering(settings["vocab_size"], prompts.sequences)
@@ -351,7 +387,10 @@ def from_dataset(
             len(prompts.sequences), examined, num_prompts,
         )
     why_none = f"every prompt was empty or shorter than {MIN_PROMPT_LENGTH} tokens; pass longer texts"
-    return prompts.probe(cls, "dataset", why_none, views=views, seed=seed, edit_fraction=edit_fraction, **settings)
+    return prompts.probe(
+        cls, "dataset", why_none, views=views, labelled=label_column is not None, seed=seed,
+        edit_fraction=edit_fraction, **settings,
+    )
 
 
 def _check_dataset(dataset: Any, text_column: object) -> None:
@@ -407,7 +446,9 @@ def _dataset_settings(
     return settings
 
 
-def _collect_rows(dataset: Any, prompts: _Prompts, text_column: str, order: Iterator[int], max_rows: int) -> int:
+def _collect_rows(
+    dataset: Any, prompts: _Prompts, text_column: str, order: Iterator[int], max_rows: int, label_column: str | None
+) -> int:
     """Feed rows in ``order`` to ``prompts`` until it is full or ``max_rows`` were examined; returns that count."""
     examined = 0
     for index in order:
@@ -422,10 +463,11 @@ def _collect_rows(dataset: Any, prompts: _Prompts, text_column: str, order: Iter
                 f"dataset row {index} is a {type(row).__name__}; rows must be dicts with 'input_ids' or "
                 f"{text_column!r} (or strings)"
             )
+        tag = _label_from_row(row, label_column, index)
         if row.get("input_ids") is not None:
             ids = _ids_from_row(row["input_ids"], row.get("attention_mask"), index)
             if ids:
-                prompts.add_ids(ids)
+                prompts.add_ids(ids, tag)
         elif text_column in row:
             text = _text_from_row(row[text_column], text_column, index)
             if text:
@@ -433,13 +475,25 @@ def _collect_rows(dataset: Any, prompts: _Prompts, text_column: str, order: Iter
                     raise ValueError(
                         f"dataset rows have text in {text_column!r} but no 'input_ids'; pass tokenizer=..."
                     )
-                prompts.add_text(text)
+                prompts.add_text(text, tag)
         else:
             raise ValueError(
                 f"dataset row {index} has neither 'input_ids' nor {text_column!r} (keys: {sorted(row)}); "
                 "pass text_column=..."
             )
     return examined
+
+
+def _label_from_row(row: Mapping[str, Any], label_column: str | None, row_index: int) -> Any:
+    """The row's label (None when no ``label_column`` is asked for)."""
+    if label_column is None:
+        return None
+    if row.get(label_column) is None:
+        raise ValueError(
+            f"dataset row {row_index} has no label in label_column={label_column!r} (keys: {sorted(row)}); every "
+            "row needs one"
+        )
+    return row[label_column]
 
 
 def _row_order(num_rows: int, seed: int) -> Iterator[int]:

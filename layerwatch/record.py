@@ -52,6 +52,7 @@ class ProbeRecord:
         per_prompt: metric name -> ``[layer][prompt]`` values, for the distributions (histograms, bimodality).
         alerts: the alerts this probe raised (each reported once per run).
         settings: the metric settings (preset, alpha, views, ...), so runs can be compared honestly.
+        scalars: metric name -> one value for the whole probe (e.g. ``best_layer``), logged as ``layerwatch/<name>``.
     """
 
     step: int
@@ -62,14 +63,18 @@ class ProbeRecord:
     per_prompt: dict[str, list[list[float]]] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
 
     def flat_scalars(self) -> dict[str, float]:
-        """``{"layerwatch/<metric>/layer_<NN>": value}`` for trackers that take flat keys (``accelerator.log``)."""
-        return {
+        """``{"layerwatch/<metric>/layer_<NN>": value}`` (and ``{"layerwatch/<scalar>": value}`` for the probe's
+        single-number metrics) for trackers that take flat keys (``accelerator.log``)."""
+        flat = {
             scalar_tag(name, layer): float(value)
             for name, values in self.metrics.items()
             for layer, value in zip(self.layers, values)
         }
+        flat.update({f"{SCALAR_PREFIX}/{name}": float(value) for name, value in self.scalars.items()})
+        return flat
 
     def to_json(self) -> str:
         payload = {
@@ -84,6 +89,8 @@ class ProbeRecord:
             "alerts": list(self.alerts),
             "settings": self.settings,
         }
+        if self.scalars:
+            payload["scalars"] = {k: _to_json_number(v) for k, v in self.scalars.items()}
         return json.dumps(payload, separators=(",", ":"), allow_nan=False)
 
     @classmethod
@@ -101,4 +108,5 @@ class ProbeRecord:
             },
             alerts=list(data.get("alerts", [])),
             settings=dict(data.get("settings", {})),
+            scalars={k: _from_json_number(v) for k, v in data.get("scalars", {}).items()},
         )

@@ -48,7 +48,9 @@ TOKENS = "tokens"  # per-prompt values computed from one layer's token states (a
 POOLED = "pooled"  # the mean-pooled [layers, prompts, D] rows of the clean batch
 VIEWS = "views"  # the mean-pooled [layers, prompts, views, D] rows of the augmented views (extra forwards)
 HEALTH = "health"  # per-layer activation sums: sum of squares, finite and non-finite counts, max |x|
-NEEDS = (TOKENS, POOLED, VIEWS, HEALTH)
+LABELS = "labels"  # the probe's class labels (metrics needing them run only on a labelled probe)
+REFERENCE = "reference"  # pooled rows of earlier probes of the run (layerwatch.references), kept in the run directory
+NEEDS = (TOKENS, POOLED, VIEWS, HEALTH, LABELS, REFERENCE)
 
 PRESETS = ("light", "standard", "paper")
 PRESET_VIEWS = {"light": 0, "standard": 2, "paper": 16}  # augmented views (LiDAR's Q) each preset runs
@@ -94,6 +96,12 @@ class SetInputs:
         health: ``[layers, 3]`` sum of squares, finite count and non-finite count of the activations, or None.
         max_abs: ``[layers]`` largest finite absolute activation, or None.
         alpha: the Rényi order; seed: seeds random choices (DiME's permutations).
+        labels: ``[prompts]`` class labels of a labelled probe, else None; probe_seed: the probe's seed (it fixes
+            probe_accuracy's folds).
+        reference: ``{"previous": ..., "first": ...}`` pooled ``[layers, prompts, D]`` rows of the run's previous and
+            first probes of the same probe (None where there is none or it is not comparable).
+        computed: values of the metrics computed so far in this probe, in registry order (best_layer reads
+            probe_accuracy's).
     """
 
     per_prompt: dict[str, Tensor]
@@ -103,6 +111,10 @@ class SetInputs:
     max_abs: Tensor | None
     alpha: float
     seed: int
+    labels: list | None = None
+    probe_seed: int = 0
+    reference: dict[str, Tensor | None] = field(default_factory=dict)
+    computed: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ class MetricSpec:
         collapse_floor: the floor of a collapse-watched metric in its own units; None: the monitor's
             ``collapse_threshold`` (for metrics normalized to [0, 1]).
         summary: shown by ``summary_table`` by default (a main metric).
+        scalar: one value per probe (``compute`` returns a 0-d tensor), not one per layer: kept in the record's
+            ``scalars`` and logged as ``layerwatch/<name>``.
     """
 
     name: str
@@ -140,6 +154,7 @@ class MetricSpec:
     collapse_watched: bool = False
     collapse_floor: float | None = None
     summary: bool = False
+    scalar: bool = False
 
     def __post_init__(self) -> None:
         unknown = [need for need in self.needs if need not in NEEDS]
@@ -211,6 +226,11 @@ def metric_presets() -> dict[str, tuple[str, ...]]:
     return {name: preset(name) for name in PRESETS}
 
 
+def scalar_metrics() -> tuple[str, ...]:
+    """Metrics with one value per probe (not per layer)."""
+    return tuple(name for name, s in REGISTRY.items() if s.scalar)
+
+
 def histogram_metrics() -> tuple[str, ...]:
     """Metrics whose per-prompt values are kept in records and drawn as histograms."""
     return tuple(name for name, s in REGISTRY.items() if s.histogram)
@@ -274,6 +294,31 @@ def _entropy_without_sinks(t: TokenInputs) -> Tensor:
     return _metrics().prompt_entropy_without_sinks(t.hidden, t.mask, alpha=t.alpha, entropy=entropy)
 
 
+def _probe_accuracy(s: SetInputs) -> Tensor:
+    return _metrics().probe_accuracy(s.pooled.double(), s.labels, seed=s.probe_seed)
+
+
+def _best_layer(s: SetInputs) -> Tensor:
+    import torch
+
+    accuracy = s.computed["probe_accuracy"] if "probe_accuracy" in s.computed else _probe_accuracy(s)
+    best = _metrics().best_layer(accuracy)
+    return torch.tensor(float("nan") if best is None else float(best), dtype=torch.float64)
+
+
+def _cka_to(which: str) -> Callable[[SetInputs], Tensor]:
+    def compute(s: SetInputs) -> Tensor:
+        import torch
+
+        reference = s.reference.get(which)
+        if reference is None:  # no earlier probe, or one of a different probe (the monitor says why)
+            return torch.full((s.pooled.shape[0],), float("nan"), dtype=torch.float64)
+        return _metrics().linear_cka(s.pooled, reference)
+
+    compute.__name__ = f"cka_to_{which}"
+    return compute
+
+
 def _dime(s: SetInputs) -> Tensor:
     import torch
 
@@ -329,6 +374,28 @@ _BUILTIN = (
         "prompt entropy leaving out sink tokens (norm above 10x the prompt's median); low here too = real "
         "compression, high while prompt_entropy is low = an attention sink",
         needs=(TOKENS,), presets=_ALL, compressed_when="lower", per_prompt=_entropy_without_sinks,
+    ),
+    MetricSpec(
+        "probe_accuracy",
+        "cross-validated accuracy of a linear (ridge) classifier of the probe's labels on the layer's pooled "
+        "embeddings (labelled probes only; chance is about 1/classes)",
+        needs=(POOLED, LABELS), presets=_ALL, summary=True, compute=_probe_accuracy,
+    ),
+    MetricSpec(
+        "best_layer",
+        "the layer with the highest probe_accuracy (earliest on ties): one number per probe",
+        needs=(POOLED, LABELS), presets=_ALL, scalar=True, compute=_best_layer,
+    ),
+    MetricSpec(
+        "cka_to_previous",
+        "linear CKA between the layer's pooled embeddings now and at the previous probe (1 = unchanged up to "
+        "rotation and scale; lower = the layer is moving)",
+        needs=(POOLED, REFERENCE), presets=_ALL, compute=_cka_to("previous"),
+    ),
+    MetricSpec(
+        "cka_to_first",
+        "linear CKA between the layer's pooled embeddings now and at the run's first probe (how far it has moved)",
+        needs=(POOLED, REFERENCE), presets=_ALL, compute=_cka_to("first"),
     ),
     MetricSpec(
         "rms",

@@ -34,11 +34,17 @@ class Run:
         steps: probed steps, ascending (numpy int array).
         layers: layer indices (0 = embedding output).
         metrics: metric names, in the order first seen.
+        scalars: names of the single-number-per-probe metrics (``best_layer``), read with :meth:`scalar`.
         records: the parsed probe records (empty for a run read from TensorBoard events only).
     """
 
-    def __init__(self, logdir: Path, records: list[ProbeRecord], values: dict[str, np.ndarray], steps, layers):
+    def __init__(
+        self, logdir: Path, records: list[ProbeRecord], values: dict[str, np.ndarray], steps, layers,
+        scalars: dict[str, np.ndarray] | None = None,
+    ):
         self.logdir = logdir
+        self._scalars = scalars or {}
+        self.scalars = list(self._scalars)
         self.records = records
         self.steps = np.asarray(steps, dtype=np.int64)
         self.layers = list(layers)
@@ -50,6 +56,12 @@ class Run:
         if name not in self._values:
             raise KeyError(f"metric {name!r} is not in this run; it has {self.metrics}")
         return self._values[name]
+
+    def scalar(self, name: str) -> np.ndarray:
+        """``[steps]`` values of a single-number metric such as ``best_layer`` (NaN where a probe lacks it)."""
+        if name not in self._scalars:
+            raise KeyError(f"scalar {name!r} is not in this run; it has {self.scalars}")
+        return self._scalars[name]
 
     def per_prompt(self, name: str, step: int | None = None) -> np.ndarray:
         """``[layers, prompts]`` per-prompt values of ``name`` at ``step`` (default: the last probed step)."""
@@ -95,19 +107,29 @@ def _from_records(logdir: Path, records: list[ProbeRecord]) -> Run:
         for name, per_layer in record.metrics.items():
             for layer, value in zip(record.layers, per_layer):
                 values[name][i, column[layer]] = value
-    return Run(logdir, ordered, values, [r.step for r in ordered], layers)
+    scalars: dict[str, np.ndarray] = {}
+    for i, record in enumerate(ordered):
+        for name, value in record.scalars.items():
+            scalars.setdefault(name, np.full(len(ordered), np.nan))[i] = value
+    return Run(logdir, ordered, values, [r.step for r in ordered], layers, scalars)
 
 
 def _from_event_files(logdir: Path) -> Run:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[tuple[str, int], dict[int, float]] = {}
+    scalar_points: dict[str, dict[int, float]] = {}
+    scalar_tags = {f"{SCALAR_PREFIX}/{name}": name for name in registry.scalar_metrics()}
     event_dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
     for directory in event_dirs:
         layer_dir = _LAYER_RUN.match(directory.name) if directory.parent == logdir else None
         accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0})
         accumulator.Reload()
         for tag in accumulator.Tags().get("scalars", []):
+            if layer_dir is None and tag in scalar_tags:  # one number per probe: layerwatch/<name>
+                for event in accumulator.Scalars(tag):
+                    scalar_points.setdefault(scalar_tags[tag], {})[int(event.step)] = float(event.value)
+                continue
             if layer_dir is not None:  # the layout with one TensorBoard run per layer: layer_NN/layerwatch/<metric>
                 match = _METRIC_TAG.match(tag)
                 key = None if match is None else (match["metric"], int(layer_dir["layer"]))
@@ -134,7 +156,8 @@ def _from_event_files(logdir: Path) -> Run:
     for (name, layer), points in series.items():
         for step, value in points.items():
             values[name][row[step], column[layer]] = value
-    return Run(logdir, [], values, steps, layers)
+    scalars = {name: np.array([points.get(step, np.nan) for step in steps]) for name, points in scalar_points.items()}
+    return Run(logdir, [], values, steps, layers, scalars)
 
 
 class SeveralRunsError(ValueError):

@@ -148,8 +148,9 @@ def test_unregister_leaves_the_built_in_registry_as_it_was(throwaway_metrics):
 
 def test_presets_and_flags_derive_from_the_declarations():
     light = ("prompt_entropy", "prompt_entropy_bimodality", "dataset_entropy", "curvature", "effective_rank")
-    sinks = ("massive_activation", "prompt_entropy_without_sinks")
-    assert METRIC_PRESETS["light"] == light + sinks + ("rms", "max_abs", "nonfinite")
+    beyond = ("massive_activation", "prompt_entropy_without_sinks", "probe_accuracy", "best_layer")
+    beyond += ("cka_to_previous", "cka_to_first")  # probe_accuracy and best_layer run only on labelled probes
+    assert METRIC_PRESETS["light"] == light + beyond + ("rms", "max_abs", "nonfinite")
     assert METRIC_PRESETS["standard"] == METRIC_PRESETS["light"] + ("infonce", "infonce_chance", "dime", "lidar")
     assert METRIC_PRESETS["paper"] == METRIC_PRESETS["standard"]
     assert registry.histogram_metrics() == ("prompt_entropy", "curvature")
