@@ -92,10 +92,27 @@ def ordered_metrics(run: "Run") -> list[str]:
     return kept
 
 
+BEST_LAYER_METRIC = "probe_accuracy"  # the metric whose pictures mark best_layer
+
+
+def best_layers(run: "Run") -> np.ndarray | None:
+    """``[steps]`` best layer per probed step (NaN where unknown), or None when the run has no ``best_layer``."""
+    return run.scalar("best_layer") if "best_layer" in getattr(run, "scalars", ()) else None
+
+
 def plot_heatmap(run: "Run", metric: str, path: Path, *, dpi: int = 110) -> Path:
-    """A layer x step heatmap of one metric (layer 0 at the bottom, one column per probed step)."""
+    """A layer x step heatmap of one metric (layer 0 at the bottom, one column per probed step); the
+    ``probe_accuracy`` heatmap marks each step's best layer with a white star."""
     matrix = np.asarray(run.metric(metric), dtype=np.float64).T  # [layers, steps]
     figure = images_module.heatmap_figure(matrix, np.asarray(run.steps), list(run.layers), metric=metric)
+    best = best_layers(run) if metric == BEST_LAYER_METRIC else None
+    if best is not None:
+        rows = {layer: row for row, layer in enumerate(run.layers)}
+        points = [(column, rows[int(b)]) for column, b in enumerate(best) if np.isfinite(b) and int(b) in rows]
+        if points:
+            columns, layer_rows = zip(*points)
+            figure.axes[0].plot(columns, layer_rows, "*", color="white", markeredgecolor="black", markersize=11)
+            figure.axes[0].set_title(f"{metric} (star: best layer)")
     return _save(figure, path, dpi)
 
 
@@ -127,6 +144,13 @@ def plot_depth_profiles(run: "Run", metrics: Sequence[str], path: Path, *, dpi: 
         for order, step in enumerate(chosen):
             colour, marker = styles[order if len(chosen) == 3 else (2 if order == len(chosen) - 1 else 0)]
             axes.plot(layers, values[steps.index(step)], marker=marker, color=colour, label=f"step {step}", lw=1.6)
+            best = best_layers(run) if metric == BEST_LAYER_METRIC else None
+            if best is not None and np.isfinite(best[steps.index(step)]):
+                layer = int(best[steps.index(step)])
+                row = values[steps.index(step)][list(run.layers).index(layer)] if layer in run.layers else np.nan
+                axes.plot([layer], [row], "*", color=colour, markeredgecolor="black", markersize=14)
+        if metric == BEST_LAYER_METRIC and best_layers(run) is not None:
+            metric = f"{metric} (star: best layer)"
         axes.set_title(metric)
         axes.set_xlabel("layer (0 = embeddings)")
         axes.grid(alpha=0.3)
@@ -340,12 +364,55 @@ def render_html(run: "Run", run_dir: Path, images: dict[str, Path], metrics: Seq
         image("prompt_entropy_histograms", "per-layer histograms of per-prompt prompt entropy")
     else:
         parts.append('<p class="note">This run has no per-prompt prompt entropy values.</p>')
+    parts.extend(_beyond_sections(run, metrics))
     parts.append('<h2 id="numbers">Numbers</h2>')
     for metric in metrics:
         parts.append(f"<h3>{esc(metric)}</h3>")
         parts.append(_metric_table(run, metric))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+SINK_EXPLANATION = (
+    "How to read massive_activation next to prompt_entropy (compression or attention sink?). massive_activation is a "
+    "layer's largest token norm over its median token norm, per prompt. Ordinary layers sit between about 1 and 3. "
+    "Far above 10, one token (usually the first) carries a massive activation, the signature of an attention sink. "
+    "Such a token dominates the mean that normalization subtracts, so every other token looks alike and prompt "
+    "entropy drops to near zero even though the tokens are not compressed. prompt_entropy_without_sinks leaves out "
+    "tokens above 10 times their prompt's median norm. If prompt_entropy is low but the sink-free value is high, you "
+    "are looking at a sink. If both are low, the layer really compresses its tokens. Where there is no sink, the two "
+    "entropies are equal."
+)
+BEST_LAYER_EXPLANATION = (
+    "probe_accuracy is the 5-fold cross-validated accuracy of a ridge classifier of the probe's labels on each "
+    "layer's mean-pooled embeddings; chance is about 1 / number of classes. best_layer is the layer with the highest "
+    "accuracy, the earliest on ties. It is marked with a star on the probe_accuracy heatmap and depth profile."
+)
+CKA_EXPLANATION = (
+    "cka_to_previous and cka_to_first are linear CKA between a layer's pooled embeddings now and at the previous "
+    "probe, or at the run's first probe. 1 means nothing moved, up to rotation and scale; lower means the layer is "
+    "being reshaped. With few prompts and wide layers, unrelated embeddings still score well above 0 (about D / (M + D) "
+    "for random ones), so compare layers and steps with each other rather than with 0."
+)
+
+
+def _beyond_sections(run: "Run", metrics: Sequence[str]) -> list[str]:
+    """The explanations (and best-layer table) of the SPEC §7 metrics the report shows."""
+    esc = html.escape
+    parts: list[str] = []
+    best = best_layers(run)
+    if BEST_LAYER_METRIC in metrics and best is not None:
+        parts.append(f'<h2 id="best-layer">Best layer</h2><p class="note">{esc(BEST_LAYER_EXPLANATION)}</p>')
+        cells = "".join(
+            f"<tr><th>{int(step)}</th><td>{'nan' if not np.isfinite(b) else int(b)}</td></tr>"
+            for step, b in zip(run.steps, best)
+        )
+        parts.append(f'<table class="numbers"><thead><tr><th>step</th><th>best layer</th></tr></thead>{cells}</table>')
+    if "cka_to_previous" in metrics or "cka_to_first" in metrics:
+        parts.append(f'<h2 id="cka">Which layers are changing</h2><p class="note">{esc(CKA_EXPLANATION)}</p>')
+    if "massive_activation" in metrics:
+        parts.append(f'<h2 id="sinks">Compression or attention sink?</h2><p class="note">{esc(SINK_EXPLANATION)}</p>')
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------------------------

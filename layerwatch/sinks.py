@@ -311,6 +311,8 @@ class TensorBoardSink(Sink):
         self._history.add(record)
         self._write_layers(record)
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
+        for name, value in record.scalars.items():  # one number per probe (best_layer), in the run itself
+            writer.add_scalar(f"{SCALAR_PREFIX}/{name}", value, record.step)
         for name, values in record.metrics.items():
             matrix = self._history.matrix(name)
             picture = images.heatmap(matrix, self._history.steps, record.layers, metric=name)

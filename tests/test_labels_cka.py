@@ -166,3 +166,32 @@ def test_references_of_another_probe_give_nan_with_a_reason(tmp_path):
     assert resumed_earlier.for_probe(pooled)["previous"] is None
     assert "after resume step 5" in " ".join(resumed_earlier.take_reasons())
     assert float(linear_cka(pooled, refs["first"]).min()) == pytest.approx(1.0)  # restarts from this probe
+
+
+def test_report_marks_the_best_layer_and_explains_sinks_and_cka(tmp_path):
+    from layerwatch.report import make_report
+
+    ids, labels = labelled_ids()
+    probe = Probe.from_tensors(ids, vocab_size=TINY_VOCAB, views=0, labels=labels)
+    model = tiny_model("gpt2", layers=2)
+    with LayerWatch(probe, logdir=tmp_path, metrics="light") as watch:
+        for step in (1, 2):
+            watch.run(model, step)
+    run = read_run(tmp_path)
+    report = make_report(tmp_path)
+    page = report.html.read_text()
+    for heading in ("Best layer", "Which layers are changing", "Compression or attention sink?"):
+        assert heading in page
+    best = [int(b) for b in run.scalar("best_layer")]
+    assert "".join(f"<tr><th>{s}</th><td>{b}</td></tr>" for s, b in zip((1, 2), best)) in page
+    assert report.images["heatmap_probe_accuracy"].is_file()
+
+
+def test_labeled_probe_example_writes_best_layer(tmp_path):
+    from test_examples import run_script
+
+    run_script("labeled_probe.py", "--out", str(tmp_path / "out"), "--steps", "8", "--every", "4", cwd=tmp_path)
+    run = read_run(tmp_path / "out")
+    assert run.steps.tolist() == [0, 1, 2, 4, 8]
+    assert set(run.scalar("best_layer")) <= {0.0, 1.0, 2.0, 3.0, 4.0}
+    assert run.metric("probe_accuracy").shape == (5, 5)
