@@ -111,7 +111,12 @@ def test_revisions_offline_skip_missing_and_pickle_only_then_resume(hub, tmp_pat
                            "--metrics", "light")
     assert again.returncode == 0, again.stderr
     assert "revision step500 (step 500)" in again.stderr and "revision step100 (step" not in again.stderr
-    assert read_run(out).steps.tolist() == [100, 200, 500]
+    run = read_run(out)
+    assert run.steps.tolist() == [100, 200, 500]
+    # the second invocation continued the CKA comparison with the first revision's embeddings (kept in the run
+    # directory); starting afresh would have compared step 500 with itself (exactly 1 everywhere)
+    assert run.metric("cka_to_first")[0].tolist() == pytest.approx([1.0] * len(run.layers))
+    assert run.metric("cka_to_first")[2].min() < 0.999
 
 
 def test_tokenizer_comes_from_the_revision_unless_given(hub, tmp_path):
