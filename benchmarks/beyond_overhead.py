@@ -8,7 +8,9 @@ Times one probe (``LayerWatch.run``, no logdir) of a preset ("light" by default:
 relative cost) without the new metrics, and with each group added: the sink pair (``massive_activation`` +
 ``prompt_entropy_without_sinks``), the CKA pair (``cka_to_previous`` + ``cka_to_first``) and ``probe_accuracy`` +
 ``best_layer`` (2 classes). The variants are probed in turn, repeat after repeat, so a busy machine slows them alike.
-Prints the medians and the increase over the baseline.
+Prints the medians and the increase over the baseline; then, because a shared machine's noise can exceed the small
+differences, the added computation timed alone (the hooks' per-layer work and the set-level step, with the same
+shapes) as a share of the baseline probe ("token_metrics" is the existing per-layer work, for scale).
 """
 
 from __future__ import annotations
@@ -86,6 +88,61 @@ def main():
         for group in GROUPS:
             with_s = statistics.median(times[group])
             print(f"{preset:<9} {group:<8} {with_s:8.3f} {with_s - base_s:8.3f} {100 * (with_s - base_s) / base_s:7.1f}%")
+        if preset == "light":
+            print_components(args, base_s)
+
+
+def component_seconds(args, repeats=20):
+    """The added computation alone, per probe: what the hooks and the set-level step do for each group."""
+    from layerwatch import metrics as M
+    from layerwatch.references import References
+
+    layers, prompts, tokens, width = args.layers + 1, args.prompts, args.tokens, args.hidden
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, tokens, width, generator=generator)  # one layer of one micro-batch of 16 prompts
+    mask = torch.ones(16, tokens, dtype=torch.bool)
+    entropy = M.prompt_entropy(hidden, mask)
+    pooled = torch.randn(layers, prompts, width, generator=generator)
+    previous = torch.randn(layers, prompts, width, generator=generator)
+    labels = [i % 2 for i in range(prompts)]
+    references = References("bench", None, resume_step=None, write=False)
+    batches = layers * -(-prompts // 16)  # (layer, micro-batch) pairs the hooks see per probe
+
+    def per_probe(fn, times):
+        fn()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return times * (time.perf_counter() - started) / repeats
+
+    def sinks():
+        M.massive_activation(hidden, mask)
+        M.prompt_entropy_without_sinks(hidden, mask, entropy=entropy)
+
+    def cka():
+        refs = references.for_probe(pooled)
+        M.linear_cka(pooled, previous)
+        M.linear_cka(pooled, refs["first"])
+        references.update(pooled, 1)
+
+    def accuracy():
+        M.best_layer(M.probe_accuracy(pooled.double(), labels))
+
+    return {
+        "sinks": per_probe(sinks, batches),
+        "cka": per_probe(cka, 1),
+        "labels": per_probe(accuracy, 1),
+        "token_metrics": per_probe(lambda: M.token_metrics(hidden, mask), batches),
+    }
+
+
+def print_components(args, base_s):
+    parts = component_seconds(args)
+    print(f"\nthe added computation alone (per probe, {args.layers + 1} layers x {-(-args.prompts // 16)} micro-batches), "
+          f"as a share of the baseline light probe ({base_s:.3f} s):")
+    print(f"{'added':<14} {'seconds':>8} {'% of probe':>10}")
+    for name, seconds in parts.items():
+        print(f"{name:<14} {seconds:8.4f} {100 * seconds / base_s:9.2f}%")
 
 
 if __name__ == "__main__":
