@@ -40,6 +40,7 @@ import bisect
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -86,6 +87,11 @@ logger = logging.getLogger(__name__)
 #: about ``n * 1e-16 * max(lambda)``; 1e-12 sits safely above that and below any eigenvalue that matters.
 EIGENVALUE_RTOL = 1e-12
 
+#: The same threshold for spectra computed in float32 (float32 and bfloat16 hidden states): their rounding
+#: leaves the zero eigenvalues at up to about 1e-7 of the largest one. Eigenvalues this small change an
+#: entropy by less than 1e-5 nats each.
+FLOAT32_EIGENVALUE_RTOL = 1e-6
+
 #: A centered row whose norm is ``<= ZERO_ROW_RTOL`` times the scale of its set (norm of the mean or of
 #: the largest centered row) is an exact zero up to rounding (e.g. all tokens of a prompt identical): it
 #: becomes a zero row, which contributes nothing to any Gram matrix.
@@ -95,12 +101,13 @@ ZERO_ROW_RTOL = 1e-10
 #: counts as zero-length (consecutive tokens identical up to rounding); pairs using it are skipped.
 CURVATURE_ZERO_TOL = 1e-10
 
-# Target size (bytes of float64) of one block of rows in the CPU row-normalization loop.
 #: Working memory of one chunk of the ``M x M`` set-level matrices (DiME's Hadamard products, InfoNCE's logits).
 #: A chunk holds at least one matrix, so for very large ``M`` the floor is a few ``M x M`` float64 matrices.
 SET_CHUNK_BYTES = 256 << 20
 _DIME_MATRICES_PER_ITEM = 5  # kernels of its layer (2), the gathered product, eigvalsh's copy and workspace
 _INFONCE_MATRICES_PER_ITEM = 3  # logits, logsumexp's temporaries
+
+# Target size (bytes) of one block of rows in the CPU row-normalization loop.
 _CPU_BLOCK_BYTES = 4 << 20
 _ACCELERATOR_BLOCK_BYTES = 512 << 20
 
@@ -116,6 +123,31 @@ _GRAM_SIZE_STEP = 16
 
 def _result_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tf32_matmuls(device: torch.device) -> bool:
+    """Whether float32 matrix products on ``device`` may run in TF32 (10-bit mantissa). The flags are only read,
+    never set: they are global, and torch raises when its two APIs for them are mixed."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is None:  # torch < 2.9
+            return bool(matmul.allow_tf32)
+        if precision == "none":  # follows the global setting
+            precision = getattr(torch.backends, "fp32_precision", "ieee")
+        return precision == "tf32"
+    except RuntimeError:
+        return True
+
+
+def _working_dtype(hidden: Tensor) -> torch.dtype:
+    """Dtype of the products of token-level metrics: float32 for float32/bfloat16/float16 states (results agree
+    with float64 to 1e-4), float64 for float64 states, and where float32 products would run in TF32."""
+    if hidden.dtype == torch.float64 or _tf32_matmuls(hidden.device):
+        return torch.float64
+    return torch.float32
 
 
 def _check_real(x: Tensor, name: str) -> None:
@@ -206,8 +238,9 @@ class _TokenBlocks:
     loop over memory blocks, each processed by vectorized ops, not over prompts.
     """
 
-    def __init__(self, hidden: Tensor, mask: Tensor | None) -> None:
+    def __init__(self, hidden: Tensor, mask: Tensor | None, itemsize: int = 8) -> None:
         *self.lead, t, d = hidden.shape
+        self.itemsize = itemsize  # bytes per element of the blocks
         self.device = hidden.device
         self.rows = rows = math.prod(self.lead)
         self.tokens, self.hidden_size = hidden.reshape(rows, t, d), d
@@ -248,7 +281,7 @@ class _TokenBlocks:
         start = first
         while start < last:
             width = lengths[start]  # the block's longest prompt
-            stop = min(last, start + max(1, target // (width * self.hidden_size * 8)))
+            stop = min(last, start + max(1, target // (width * self.hidden_size * self.itemsize)))
             # prompts of one length make a block without padding (and without mask): end the block where the
             # length changes unless that would leave it less than half full
             same = bisect.bisect_right(descending, -width, start, stop)
@@ -287,11 +320,11 @@ class _TokenBlocks:
 
 
 class _Scratch:
-    """Float64 buffers reused by the blocks of one call, one per thread (fresh multi-MB allocations cost page
-    faults); freed with the call."""
+    """Buffers of the working dtype reused by the blocks of one call, one per thread (fresh multi-MB allocations
+    cost page faults); freed with the call."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float64) -> None:
+        self.device, self.dtype = device, dtype
         self.buffers: dict[int, Tensor] = {}
 
     def take(self, *shape: int) -> Tensor:
@@ -299,7 +332,7 @@ class _Scratch:
         numel, thread = math.prod(shape), threading.get_ident()
         buffer = self.buffers.get(thread)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[thread] = torch.empty(numel, dtype=torch.float64, device=self.device)
+            buffer = self.buffers[thread] = torch.empty(numel, dtype=self.dtype, device=self.device)
         return buffer[:numel].view(shape)
 
 
@@ -320,8 +353,8 @@ def _zero_rows(x: Tensor, invalid: Tensor) -> None:
 
 
 def _valid_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean ``[..., 1, D]`` of the valid rows of ``rows[..., N, D]`` (float64, owned by the caller: its invalid
-    rows are zeroed first, so garbage in them (NaN, inf) never reaches a result)."""
+    """Mean ``[..., 1, D]`` of the valid rows of ``rows[..., N, D]`` (owned by the caller: its invalid rows are
+    zeroed first, so garbage in them (NaN, inf) never reaches a result)."""
     if mask is None:
         return rows.mean(-2, keepdim=True)
     _zero_rows(rows, ~mask)
@@ -329,14 +362,26 @@ def _valid_mean(rows: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _center_(rows: Tensor, mask: Tensor | None, *, zero_invalid: bool = True) -> tuple[Tensor, Tensor]:
-    """Subtract the mean of the valid rows from float64 ``rows[..., N, D]`` in place; return the mean
-    ``[..., 1, D]`` and its norm ``[..., 1]``. After centering, invalid rows are zeroed again (they would hold
-    ``-mean``) unless ``zero_invalid=False`` (callers that never read them)."""
+    """Subtract the mean of the valid rows from float32/float64 ``rows[..., N, D]`` in place; return the mean
+    ``[..., 1, D]`` (float64) and its norm ``[..., 1]`` (in the rows' dtype). After centering, invalid rows are
+    zeroed again (they would hold ``-mean``) unless ``zero_invalid=False`` (callers that never read them).
+
+    Float32 rows are centered in two passes (the corrected two-pass algorithm): the mean of the once-centered
+    rows, exact up to rounding of the (small) centered values, is subtracted too. That removes the first mean's
+    rounding error, which under a large common offset (massive activations: mean 10^4 times the spread) would
+    otherwise be a shift of up to 1e-3 of the spread shared by every row; the mean is their float64 sum.
+    """
     mean = _valid_mean(rows, mask)
     rows.sub_(mean)
+    if rows.dtype != torch.float64:
+        if mask is not None:
+            _zero_rows(rows, ~mask)
+        correction = _valid_mean(rows, mask)
+        rows.sub_(correction)
+        mean = mean.double() + correction.double()
     if mask is not None and zero_invalid:
         _zero_rows(rows, ~mask)
-    return mean, torch.linalg.vector_norm(mean, dim=-1)
+    return mean, torch.linalg.vector_norm(mean, dim=-1).to(rows.dtype)
 
 
 def _inverse_norms(squared_norms: Tensor, mean_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -389,8 +434,8 @@ def _spread(fn: Callable[[T], R], items: list[T], *, device: torch.device, enoug
         torch.set_num_threads(threads)
 
 
-def _eigvalsh(stacks: list[Tensor]) -> list[Tensor]:
-    """``torch.linalg.eigvalsh(s, UPLO="U")`` of each stack ``s[..., n, n]``, spread over the CPU cores.
+def _cpu_eigvalsh(stacks: list[Tensor]) -> list[Tensor]:
+    """``torch.linalg.eigvalsh(s, UPLO="U")`` of each CPU stack ``s[..., n, n]``, spread over the CPU cores.
 
     UPLO="U": LAPACK then reduces from the last column, so zero padding at the end costs almost nothing.
     """
@@ -414,8 +459,88 @@ def _eigvalsh(stacks: list[Tensor]) -> list[Tensor]:
     return [torch.cat(p).reshape(s.shape[:-1]) for p, s in zip(parts, stacks)]
 
 
+def _eigvalsh_by_path(stacks: list[Tensor], paths: list[str]) -> list[Tensor]:
+    """Eigenvalues of each stack on its path: ``"device"`` (``eigvalsh`` where the stack is) or ``"cpu"`` (copied
+    to the CPU, all such stacks in one batch spread over the cores, eigenvalues copied back)."""
+    values: list[Tensor | None] = [
+        torch.linalg.eigvalsh(s, UPLO="U") if path == "device" else None for s, path in zip(stacks, paths)
+    ]
+    on_cpu = [i for i, path in enumerate(paths) if path == "cpu"]
+    for i, value in zip(on_cpu, _cpu_eigvalsh([stacks[i].cpu() for i in on_cpu])):
+        values[i] = value.to(stacks[i].device)
+    return values  # type: ignore[return-value]
+
+
+def _time_eigenvalue_path(path: str, sample: Tensor) -> float:
+    """Seconds to get the eigenvalues of ``sample[k, n, n]`` on ``path``, after a warm-up call (the first call
+    on a device creates solver handles), synchronized by reading a value back."""
+    _eigvalsh_by_path([sample[:1]], [path])[0].sum().item()
+    start = time.perf_counter()
+    _eigvalsh_by_path([sample], [path])[0].sum().item()
+    return time.perf_counter() - start
+
+
+#: On an accelerator, eigenvalues of matrices up to this size are computed there without a measurement: torch
+#: hands batches of such small matrices to one batched solver call (cuSOLVER's syevjBatched).
+DEVICE_BATCHED_EIGH_MAX = 32
+
+#: Matrices of the stack timed on each path when the eigenvalue path of a larger size is measured.
+EIGH_PATH_SAMPLE = 16
+
+
+class EigenvaluePaths:
+    """Where the eigenvalues of a stack of ``n x n`` matrices are computed, chosen once per (n, dtype, device).
+
+    On the CPU, always ``"cpu"`` (the stack spread over the cores). On an accelerator, ``"device"`` for
+    ``n <= DEVICE_BATCHED_EIGH_MAX``; for larger ``n`` both paths are timed on up to ``EIGH_PATH_SAMPLE``
+    matrices of the first stack of that size (a few milliseconds, once) and the faster one is kept. The
+    measurement is there because, for ``n > 32``, many PyTorch releases call cuSOLVER once per matrix in a loop
+    (pytorch/pytorch issue #175585, PR #175403): 1,024 matrices of 128 x 128 then take seconds on the GPU, but
+    milliseconds copied to the CPU; a release that batches the solver wins the measurement instead. Each choice
+    is logged once at debug level and kept in :attr:`choices`.
+
+    Args:
+        timer: ``timer(path, sample) -> seconds``; the default runs and times the real computation.
+    """
+
+    def __init__(self, timer: Callable[[str, Tensor], float] = _time_eigenvalue_path) -> None:
+        self.timer = timer
+        self.choices: dict[tuple[int, torch.dtype, str], str] = {}
+
+    def choose(self, stack: Tensor, device: torch.device | None = None) -> str:
+        """The path for ``stack[..., n, n]`` (``device`` overrides the stack's device, for tests)."""
+        device = stack.device if device is None else device
+        if device.type == "cpu":
+            return "cpu"
+        n = stack.shape[-1]
+        key = (n, stack.dtype, str(device))
+        if key not in self.choices:
+            if n <= DEVICE_BATCHED_EIGH_MAX:
+                path, reason = "device", f"batched solver for n <= {DEVICE_BATCHED_EIGH_MAX}"
+            else:
+                sample = stack.reshape(-1, n, n)[:EIGH_PATH_SAMPLE]
+                seconds = {option: self.timer(option, sample) for option in ("device", "cpu")}
+                path = min(seconds, key=seconds.__getitem__)
+                reason = ", ".join(f"{option} {1e3 * t:.2f} ms" for option, t in seconds.items())
+                reason = f"measured on {sample.shape[0]} matrices: {reason}"
+            self.choices[key] = path
+            logger.debug("eigenvalues of %d x %d %s matrices on %s: %s path (%s)", n, n, stack.dtype, device, path, reason)
+        return self.choices[key]
+
+
+_EIGENVALUE_PATHS = EigenvaluePaths()
+
+
+def _eigvalsh(stacks: list[Tensor]) -> list[Tensor]:
+    """``eigvalsh`` of each stack ``s[..., n, n]`` (all on one device): on the CPU one batch spread over the cores;
+    on an accelerator each stack on the path :class:`EigenvaluePaths` chose for its size."""
+    if not stacks or stacks[0].device.type == "cpu":
+        return _cpu_eigvalsh(stacks)
+    return _eigvalsh_by_path(stacks, [_EIGENVALUE_PATHS.choose(s) for s in stacks])
+
+
 def _safe_eigvalsh(mats: Tensor, bad: Tensor | None = None) -> Tensor:
-    """Batched float64 eigenvalues; a non-finite matrix gets NaN eigenvalues without failing the batch.
+    """Batched eigenvalues; a non-finite matrix gets NaN eigenvalues without failing the batch.
 
     ``bad[...]``, when given, flags every matrix that may be non-finite (the others are known finite);
     ``mats`` is then owned by the caller and overwritten with zeros there.
@@ -423,11 +548,18 @@ def _safe_eigvalsh(mats: Tensor, bad: Tensor | None = None) -> Tensor:
     return _safe_eigvalsh_stacks([mats], None if bad is None else [bad])[0]
 
 
+def _nonfinite_matrices(stacks: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``(stacks, bads)``: ``bads[...]`` flags the matrices holding a non-finite value, which are replaced by
+    zeros (in a copy) so that they cannot fail a batched solver."""
+    bads = [~torch.isfinite(s).flatten(-2).all(-1) for s in stacks]
+    stacks = [torch.where(bad[..., None, None], 0.0, s) if bool(bad.any()) else s for s, bad in zip(stacks, bads)]
+    return stacks, bads
+
+
 def _safe_eigvalsh_stacks(stacks: list[Tensor], bads: list[Tensor] | None = None) -> list[Tensor]:
     """:func:`_safe_eigvalsh` of several stacks (of different sizes) in one spread-out batch."""
     if bads is None:
-        bads = [~torch.isfinite(s).flatten(-2).all(-1) for s in stacks]
-        stacks = [torch.where(bad[..., None, None], 0.0, s) if bool(bad.any()) else s for s, bad in zip(stacks, bads)]
+        stacks, bads = _nonfinite_matrices(stacks)
     else:
         for s, bad in zip(stacks, bads):
             if bool(bad.any()):
@@ -438,16 +570,20 @@ def _safe_eigvalsh_stacks(stacks: list[Tensor], bads: list[Tensor] | None = None
 
 
 def _kept_eigenvalues(values: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero out eigenvalues below the relative threshold; return (kept values, undefined flag)."""
+    """Zero out eigenvalues below the relative threshold of their precision (``EIGENVALUE_RTOL`` for float64,
+    ``FLOAT32_EIGENVALUE_RTOL`` otherwise); return (kept values in float64, undefined flag)."""
+    rtol = EIGENVALUE_RTOL if values.dtype == torch.float64 else FLOAT32_EIGENVALUE_RTOL
+    values = values.to(torch.float64)
     top = values.amax(-1, keepdim=True)
-    keep = values > EIGENVALUE_RTOL * top
+    keep = values > rtol * top
     kept = torch.where(keep, values, 0.0)
     undefined = torch.isnan(top.squeeze(-1)) | ~(top.squeeze(-1) > 0)
     return kept, undefined
 
 
 def _entropy_from_eigenvalues(values: Tensor, alpha: float) -> Tensor:
-    """Matrix Rényi entropy S_alpha (nats) of the spectrum ``values[..., n]``; NaN if no eigenvalue is kept."""
+    """Matrix Rényi entropy S_alpha (nats, float64) of the spectrum ``values[..., n]``; NaN if no eigenvalue is
+    kept."""
     kept, undefined = _kept_eigenvalues(values)
     p = kept / kept.sum(-1, keepdim=True)
     if alpha == 1.0:
@@ -457,13 +593,42 @@ def _entropy_from_eigenvalues(values: Tensor, alpha: float) -> Tensor:
     return torch.where(undefined, math.nan, entropy)
 
 
-def _gram_eigenvalues(z: Tensor, side: str = "auto") -> Tensor:
-    """Eigenvalues of ``z zᵀ`` (n x n) or ``zᵀ z`` (D x D) for ``z[..., n, D]``: the smaller one by default."""
+def _collision_entropy(mats: Tensor) -> Tensor:
+    """S_2 (nats, float64) of symmetric positive semi-definite ``mats[..., n, n]`` without eigenvalues:
+    ``sum p^2 = sum lambda^2 / (sum lambda)^2 = ||K||_F^2 / tr(K)^2``. NaN for a zero or non-finite matrix.
+
+    Eigenvalues below the relative threshold (rounding noise) enter as ``lambda^2 <= 1e-12 max(lambda)^2``:
+    invisible at the precision of the result."""
+    trace = torch.diagonal(mats, 0, -2, -1).sum(-1, dtype=torch.float64)
+    frobenius = torch.linalg.matrix_norm(mats).to(torch.float64)
+    entropy = 2.0 * (torch.log(trace) - torch.log(frobenius))
+    return torch.where(torch.isfinite(entropy) & (trace > 0), entropy, math.nan)
+
+
+def _matrix_entropies(stacks: list[Tensor], alpha: float, bads: list[Tensor] | None = None) -> list[Tensor]:
+    """Matrix Rényi entropy S_alpha (nats, float64) of each symmetric PSD matrix of each stack ``s[..., n, n]``.
+
+    ``alpha = 2`` from Frobenius norms and traces (no eigenvalues); other orders from the eigenvalues of all
+    stacks in one batch. ``bads`` as in :func:`_safe_eigvalsh_stacks` (flagged matrices give NaN).
+    """
+    if alpha != 2.0:
+        return [_entropy_from_eigenvalues(v, alpha) for v in _safe_eigvalsh_stacks(stacks, bads)]
+    if bads is None:
+        stacks, bads = _nonfinite_matrices(stacks)
+    return [torch.where(bad, math.nan, _collision_entropy(s)) for s, bad in zip(stacks, bads)]
+
+
+def _gram(z: Tensor, side: str = "auto") -> Tensor:
+    """``z zᵀ`` (n x n) or ``zᵀ z`` (D x D) for ``z[..., n, D]``: the smaller one by default."""
     n, d = z.shape[-2], z.shape[-1]
     if side == "auto":
         side = "rows" if n <= d else "columns"
-    gram = z @ z.mT if side == "rows" else z.mT @ z
-    return _safe_eigvalsh(gram)
+    return z @ z.mT if side == "rows" else z.mT @ z
+
+
+def _gram_eigenvalues(z: Tensor, side: str = "auto") -> Tensor:
+    """Eigenvalues of ``z zᵀ`` (n x n) or ``zᵀ z`` (D x D) for ``z[..., n, D]``: the smaller one by default."""
+    return _safe_eigvalsh(_gram(z, side))
 
 
 def _curvature_from_bands(
@@ -504,15 +669,18 @@ def _token_core(
 ) -> dict[str, Tensor]:
     """Shared engine of mean_pool, prompt_entropy, curvature and token_metrics (float64, shape [..., B]).
 
-    Blocks of prompts (see :class:`_TokenBlocks`) are copied to float64 and centered; their means are the
-    mean-pooled embeddings. For entropy, the Gram matrices of their unit rows (or the D x D covariances when
-    the longest prompt exceeds D) are written into zero-padded stacks, one per size group, that go through
-    one spread-out ``eigvalsh`` batch. Curvature needs only the Gram diagonals ``<z_k, z_k>``,
+    Blocks of prompts (see :class:`_TokenBlocks`) are copied to the working dtype (:func:`_working_dtype`:
+    float32 for float32/bfloat16/float16 states, float64 for float64 ones) and centered; their means (summed
+    in float64) are the mean-pooled embeddings. For entropy, the Gram matrices of their unit rows (or the
+    D x D covariances when the longest prompt exceeds D) are written into zero-padded stacks, one per size
+    group, that go through one spread-out ``eigvalsh`` batch (``alpha = 2``: Frobenius norms instead, no
+    eigenvalues); the entropies are computed in float64 from the eigenvalues. Curvature needs only the Gram diagonals ``<z_k, z_k>``,
     ``<z_k, z_{k+1}>``, ``<z_k, z_{k+2}>``: read from the Gram matrices when there are some, else computed
     as one batched product of each token with itself and its next two.
     """
     hidden, mask = _check_tokens(hidden, mask)
-    blocks = _TokenBlocks(hidden, mask)
+    work = _working_dtype(hidden)
+    blocks = _TokenBlocks(hidden, mask, itemsize=torch.finfo(work).bits // 8)
     rows, d = blocks.rows, blocks.hidden_size
     size = max(blocks.longest, 1)  # all-padding token positions are dropped everywhere
     use_gram = entropy and size <= d
@@ -522,14 +690,14 @@ def _token_core(
     f64 = dict(dtype=torch.float64, device=hidden.device)
     # the zero-padded Gram (n x n) or covariance (D x D) matrices of each group of rows
     sizes = [(stop - start, n if use_gram else d) for start, stop, n in blocks.groups] if entropy else []
-    matrices = [torch.empty(count, n, n, **f64) for count, n in sizes]
+    matrices = [torch.empty(count, n, n, dtype=work, device=hidden.device) for count, n in sizes]
     bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)  # prompts holding non-finite values
     if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
         bands = torch.zeros(rows, size, 3, **f64)
     if curvature and not use_gram:  # to scale the bands to unit tokens afterwards
         mean_norms = torch.zeros(rows, 1, **f64)
     pooled = torch.full((rows, d), math.nan, **f64) if pool else None
-    scratch = _Scratch(hidden.device)
+    scratch = _Scratch(hidden.device, work)
 
     def reduce_block(block: tuple[int, int, int, int, int]) -> None:
         group, first, start, stop, width = block
@@ -538,10 +706,10 @@ def _token_core(
         flat = scratch.take(p * width + 2, d)
         c = flat[: p * width].view(p, width, d)
         mb = blocks.gather_into(c, start, stop, width)
-        if not (entropy or curvature):  # mean pooling only
-            pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
-            return
         mean, mean_norm = _center_(c, mb, zero_invalid=entropy)
+        if not (entropy or curvature):  # mean pooling only
+            pooled[start:stop] = mean.squeeze(-2)
+            return
         if pool:
             pooled[start:stop] = mean.squeeze(-2)
         if use_gram:
@@ -583,8 +751,8 @@ def _token_core(
     if entropy:
         values = torch.full((rows,), math.nan, **f64)
         bads = [bad[start:stop] for start, stop, _ in blocks.groups]
-        for (start, stop, _), spectra in zip(blocks.groups, _safe_eigvalsh_stacks(matrices, bads)):
-            values[start:stop] = _entropy_from_eigenvalues(spectra, alpha)
+        for (start, stop, _), group_values in zip(blocks.groups, _matrix_entropies(matrices, alpha, bads)):
+            values[start:stop] = group_values
         if normalized:
             values = values / torch.log(count.to(torch.float64).clamp(max=d))
         results["prompt_entropy"] = torch.where((count < 2) | bad, math.nan, values)
@@ -654,7 +822,7 @@ def _dime_entropies(a: Tensor, b: Tensor, perms: Tensor, alpha: float) -> Tensor
         stack = kernel_b[layer[:, None, None], rows[:, :, None], rows[:, None, :]]  # [c, M, M]
         stack.mul_(kernel_a[layer])
         del kernel_a, kernel_b
-        out[start:stop] = _entropy_from_eigenvalues(_safe_eigvalsh(stack), alpha)
+        out[start:stop] = _matrix_entropies([stack], alpha)[0]
     return out.reshape(*lead, count)
 
 
@@ -909,7 +1077,7 @@ def dataset_entropy(pooled: Tensor, *, alpha: float = 1.0, normalized: bool = Tr
     alpha = _check_alpha(alpha)
     m, d = pooled.shape[-2], pooled.shape[-1]
     z, bad = _center_unit(pooled, None)
-    result = _entropy_from_eigenvalues(_gram_eigenvalues(z), alpha)
+    result = _matrix_entropies([_gram(z)], alpha)[0]
     if normalized:
         result = result / math.log(min(m, d)) if min(m, d) > 1 else torch.full_like(result, math.nan)
     if m < 2:
@@ -1055,7 +1223,7 @@ def lidar(views: Tensor, *, alpha: float = 1.0, delta: float = 1e-4) -> Tensor:
     if bool(bad.any()):
         z = torch.where(bad[..., None, None], 0.0, z)
     kernel = _lidar_kernel(z.reshape(*lead, m, q, d), delta)
-    result = _entropy_from_eigenvalues(_safe_eigvalsh(kernel), alpha)
+    result = _matrix_entropies([kernel], alpha)[0]
     return torch.where(bad, math.nan, result).to(_result_dtype(views))
 
 
