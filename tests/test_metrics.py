@@ -768,7 +768,8 @@ def test_cuda_matches_cpu():
     gpu = token_metrics(hidden.cuda(), mask.cuda())
     for key in cpu:
         assert gpu[key].is_cuda
-        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-6, atol=1e-8, equal_nan=True)
+        # float32 products on both devices, rounded differently: each within 1e-4 of float64, so of each other
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=2 * FLOAT32_RTOL, atol=2 * FLOAT32_ATOL, equal_nan=True)
     torch.testing.assert_close(lidar(views.cuda()).cpu(), lidar(views), rtol=1e-6, atol=1e-8)
     gen = torch.Generator(device="cuda").manual_seed(0)
     assert dime(views[..., 0, :].cuda(), views[..., 1, :].cuda(), generator=gen).is_cuda
