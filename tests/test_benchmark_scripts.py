@@ -1,0 +1,35 @@
+"""The GPU benchmark script runs as it is: a tiny CPU smoke run, and a clean exit without CUDA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_PROBE = os.path.join(REPO, "benchmarks", "gpu_probe.py")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, GPU_PROBE, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_gpu_probe_smoke_run_prints_one_row_per_model():
+    result = run("--smoke")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| gpt2-small") or line.startswith("| llama-1b")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 10 and cells[3].endswith(" ms") and cells[9].endswith("%")
+        assert float(cells[7].split()[0]) == 0  # no GPU memory is measured on the CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_gpu_probe_without_cuda_exits_cleanly_with_a_message():
+    result = run()
+    assert result.returncode == 0 and "no CUDA device" in result.stdout
