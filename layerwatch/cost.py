@@ -24,10 +24,11 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceRates", "ProbeCost", "RATES", "estimate_probe_cost", "warn_if_expensive"]
+__all__ = ["DeviceRates", "ProbeCost", "RATES", "check_probe_cost", "estimate_probe_cost", "warn_if_expensive"]
 
 #: A probe whose metrics are estimated to take more than this many times its forward passes ...
 WARN_FACTOR = 3.0
@@ -208,3 +209,46 @@ def warn_if_expensive(cost: ProbeCost, *, device: str = "cpu") -> bool:
         cost.metric_seconds, device, cost.ratio, cost.forward_seconds, heaviest, cost.peak_bytes / 2**20,
     )
     return True
+
+
+def check_probe_cost(
+    model: Any,
+    *,
+    layers: int,
+    lengths: Sequence[int],
+    metric_names: Iterable[str],
+    views: int,
+    alpha: float,
+    batch_size: int,
+) -> ProbeCost | None:
+    """Estimate a probe of ``model`` and warn (:func:`warn_if_expensive`) before its first forward pass.
+
+    The monitor calls this once per model, when the probed depth (``layers`` hidden states) is known; the width
+    and parameter count come from the model (its config's ``hidden_size``/``n_embd``/``d_model``, else its input
+    embeddings). Returns ``None`` when the width cannot be found.
+    """
+    from layerwatch.capture import model_config, model_device
+    from layerwatch.registry import REGISTRY, TOKENS, VIEWS
+
+    config = model_config(model)
+    width = next((getattr(config, key) for key in ("hidden_size", "n_embd", "d_model") if hasattr(config, key)), None)
+    if width is None and hasattr(model, "get_input_embeddings"):
+        width = getattr(model.get_input_embeddings(), "embedding_dim", None)
+    if not isinstance(width, int):
+        return None
+    names = list(metric_names)
+    device = model_device(model).type
+    cost = estimate_probe_cost(
+        layers=layers,
+        width=width,
+        tokens=[int(n) for n in lengths],
+        parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
+        views=views if any(VIEWS in REGISTRY[name].needs for name in names) else 0,
+        token_metrics=any(TOKENS in REGISTRY[name].needs for name in names),
+        metric_names=names,
+        alpha=alpha,
+        batch_size=batch_size,
+        device=device,
+    )
+    warn_if_expensive(cost, device=device)
+    return cost

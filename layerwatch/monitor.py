@@ -37,6 +37,7 @@ from layerwatch._version import __version__
 from layerwatch.alerts import AlertTracker
 from layerwatch.capture import LayerHooks, isolated, model_device
 from layerwatch.collect import Collector, ProbeError, all_ranks_max, distributed, passes, set_level_metrics
+from layerwatch.cost import check_probe_cost
 from layerwatch.model_facts import ModelFacts, model_facts
 from layerwatch.probe import Probe
 from layerwatch.references import References
@@ -332,6 +333,10 @@ class LayerWatch:
             return
         fed = passes(self.metric_names, self.probe, self.num_views)  # only what the selected metrics feed
         facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in fed))
+        check_probe_cost(  # warns, before the first forward, about a probe far costlier than its forward passes
+            model, layers=len(facts.blocks) + 1, lengths=self.probe.attention_mask.sum(1).tolist(),
+            metric_names=self.metric_names, views=self.num_views, alpha=self.alpha, batch_size=self.batch_size,
+        )
         self._validated.add(model)
 
     def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:

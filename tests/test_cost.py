@@ -68,3 +68,26 @@ def test_long_prompts_on_a_large_model_warn_once_with_the_knobs(caplog):
         assert not warn_if_expensive(cheap, device="cuda")
         assert not warn_if_expensive(estimate_probe_cost(tokens=4096, alpha=2.0, **GPU_7B), device="cuda")
     assert caplog.records == []
+
+
+def test_monitor_warns_before_its_first_forward_pass(monkeypatch, caplog, tiny_model_factory, tiny_vocab):
+    import torch
+
+    import layerwatch
+
+    model = tiny_model_factory("gpt2", layers=3, hidden=32)
+    ids = torch.randint(0, tiny_vocab, (6, 20), generator=torch.Generator().manual_seed(0))
+    probe = layerwatch.Probe.from_tensors(ids, vocab_size=tiny_vocab, views=2, seed=0)
+    warnings_at_forward = []  # warnings logged so far, at each forward pass
+    model.register_forward_pre_hook(lambda module, args: warnings_at_forward.append(len(caplog.records)))
+    with caplog.at_level(logging.WARNING, logger="layerwatch.cost"):
+        layerwatch.LayerWatch(probe, logdir=None, metrics="standard", batch_size=3).run(model, 1)
+        assert warnings_at_forward and set(warnings_at_forward) == {0}  # a cheap probe: silent
+        warnings_at_forward.clear()
+        monkeypatch.setattr(cost, "WARN_FACTOR", 0.0)  # now every probe counts as far costlier than its forwards
+        monkeypatch.setattr(cost, "WARN_MIN_SECONDS", 0.0)
+        watch = layerwatch.LayerWatch(probe, logdir=None, metrics="standard", batch_size=3)
+        watch.run(model, 1)
+        watch.run(model, 2)
+    assert len(caplog.records) == 1 and "max_length" in caplog.records[0].getMessage()  # once per model
+    assert warnings_at_forward and set(warnings_at_forward) == {1}  # logged before the first forward
