@@ -706,10 +706,10 @@ def _token_core(
         flat = scratch.take(p * width + 2, d)
         c = flat[: p * width].view(p, width, d)
         mb = blocks.gather_into(c, start, stop, width)
-        mean, mean_norm = _center_(c, mb, zero_invalid=entropy)
-        if not (entropy or curvature):  # mean pooling only
-            pooled[start:stop] = mean.squeeze(-2)
+        if not (entropy or curvature):  # mean pooling only: one pass (the mean's rounding is relative to itself)
+            pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
             return
+        mean, mean_norm = _center_(c, mb, zero_invalid=entropy)
         if pool:
             pooled[start:stop] = mean.squeeze(-2)
         if use_gram:
@@ -945,7 +945,10 @@ def mean_pool(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
         >>> mean_pool(hidden, torch.tensor([[1, 1, 0]]))
         tensor([[2., 3.]])
     """
-    return _token_core(hidden, mask, pool=True)["mean_pool"].to(_result_dtype(hidden))
+    hidden, bool_mask = _check_tokens(hidden, mask)
+    if bool_mask is None or bool(bool_mask.all()):  # every token real: one reduction over the input, no copy
+        return hidden.mean(-2, dtype=_result_dtype(hidden))
+    return _token_core(hidden, bool_mask, pool=True)["mean_pool"].to(_result_dtype(hidden))
 
 
 @torch.no_grad()

@@ -64,6 +64,21 @@ def test_token_metrics_match_float64_reference_at_their_precision(dtype, side):
     close(metrics.curvature(hidden, mask), ref_curvature(seen, mask_np), tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_mean_pool_of_full_length_prompts(dtype):
+    """Every token real (mask None or all True): one reduction over the input, same values as the block path."""
+    hidden = to_torch(np.random.default_rng(4).normal(size=(2, 5, 9, 16)) + 40.0, dtype)
+    expected = ref_mean_pool(reference_input(hidden), np.ones((5, 9), dtype=bool))
+    tolerance = FLOAT64 if dtype == torch.float64 else FLOAT32
+    for mask in (None, torch.ones(5, 9, dtype=torch.long)):
+        pooled = metrics.mean_pool(hidden, mask)
+        assert pooled.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        close(pooled, expected, tolerance)
+    ragged = torch.ones(5, 9, dtype=torch.bool)
+    ragged[0, -1] = False  # one padded slot: the block path
+    close(metrics.mean_pool(hidden, ragged)[:, 1:], expected[:, 1:], tolerance)
+
+
 def test_float32_centering_survives_a_large_common_offset():
     """Mean 10^6 times the spread: a one-pass float32 mean would be off by up to 0.03 of the spread in every
     row (entropies off by 0.1 relative); the corrected two-pass centering keeps them within 1e-6."""
