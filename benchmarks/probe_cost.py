@@ -7,10 +7,12 @@ Each row is one probe's metrics, computed the way the monitor computes them (``s
 micro-batch of 16 prompts, ``token_metrics`` on the clean states and ``mean_pool`` of 2 augmented views; then the
 set-level step (dataset entropy, effective rank, InfoNCE, DiME, LiDAR, bimodality). The forward passes are not
 included (``benchmarks/probe_overhead.py`` measures a whole probe). Hidden states are synthetic float32 (low-rank
-structure plus noise, every prompt full length). Each row runs in a fresh process: the time is the median of
-``--repeats``, the memory the rise of the peak resident set over the inputs (VmHWM reset through
+structure plus noise, every prompt full length). Each row runs in a fresh process with one torch thread: the time
+is the CPU time of that process (median of ``--repeats``), which a busy shared machine inflates far less than wall
+time; on ``n`` idle cores the metrics spread their Gram blocks and eigenvalues and take up to ``n`` times less
+wall time. The memory is the rise of the peak resident set over the inputs (VmHWM reset through
 /proc/self/clear_refs, glibc's mmap threshold fixed so that the peak follows the live tensors). The "estimate"
-column is :func:`layerwatch.cost.estimate_probe_cost` for the same shape.
+column is :func:`layerwatch.cost.estimate_probe_cost` for the same shape on one core.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def child(shape: dict, repeats: int) -> dict:
     """Time and peak memory of one probe's metrics for ``shape``, in this fresh process."""
     from layerwatch import metrics
 
+    torch.set_num_threads(1)
     t, layers, m, d, alpha = shape["tokens"], shape["layers"], shape["prompts"], shape["width"], shape["alpha"]
     b = min(BATCH, m)
     gen = torch.Generator().manual_seed(0)
@@ -80,14 +83,14 @@ def child(shape: dict, repeats: int) -> dict:
     before = read_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak (VmHWM) to the current RSS
-    start = time.perf_counter()
+    start = time.process_time()
     probe_metrics()
-    times = [time.perf_counter() - start]
+    times = [time.process_time() - start]
     peak = read_status("VmHWM") - before
     for _ in range(repeats - 1):
-        start = time.perf_counter()
+        start = time.process_time()
         probe_metrics()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return {"seconds": statistics.median(times), "peak": peak}
 
 
@@ -111,16 +114,16 @@ def main(argv=None) -> int:
 
     rows = QUICK_ROWS if args.quick else ROWS
     print(f"metrics of one probe, 'standard' preset, float32 states, micro-batches of {BATCH}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"CPU time of 1 thread, load average {os.getloadavg()[0]:.1f}")
     print()
-    print("| prompt length T | layers | prompts M | width D | alpha | time | estimate | peak extra memory |")
+    print("| prompt length T | layers | prompts M | width D | alpha | CPU time | estimate | peak extra memory |")
     print("|---|---|---|---|---|---|---|---|")
     for change in rows:
         shape = {**BASE, **change}
         result = measure(shape, args.repeats)
         estimate = estimate_probe_cost(
             layers=shape["layers"], width=shape["width"], tokens=shape["tokens"], prompts=shape["prompts"],
-            views=2, metric_names=SET_METRICS, alpha=shape["alpha"], batch_size=BATCH, device="cpu",
+            views=2, metric_names=SET_METRICS, alpha=shape["alpha"], batch_size=BATCH, device="cpu", cores=1,
         )
         cells = [shape["tokens"], shape["layers"], shape["prompts"], shape["width"], f"{shape['alpha']:g}"]
         cells = [f"**{c}**" if key in change else str(c) for c, key in zip(cells, ("tokens", "layers", "prompts", "width", "alpha"))]

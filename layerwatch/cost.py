@@ -65,7 +65,7 @@ class DeviceRates:
 #: with the eigenvalues on the path :class:`layerwatch.metrics.EigenvaluePaths` picks (at worst the host CPU).
 RATES = {
     "cpu": DeviceRates(
-        forward_flops=5e10, gram_flops=5e10, eigen_units=2.7e9, eigen_cap=1.5e10, bandwidth=4e9, call_seconds=1e-3,
+        forward_flops=5e10, gram_flops=5e10, eigen_units=5.4e9, eigen_cap=3e10, bandwidth=4e9, call_seconds=1e-3,
         per_core=True,
     ),
     "cuda": DeviceRates(
@@ -107,12 +107,12 @@ class ProbeCost:
         return self.metric_seconds / max(self.forward_seconds, 1e-12)
 
 
-def _rates(device: str) -> DeviceRates:
+def _rates(device: str, cores: int | None = None) -> DeviceRates:
     kind = device.split(":")[0]
     rates = RATES.get(kind, RATES["cuda"])  # other accelerators: as a GPU
     if not rates.per_core:
         return rates
-    cores = os.cpu_count() or 1
+    cores = cores or os.cpu_count() or 1
     values = (rates.forward_flops, rates.gram_flops, rates.eigen_units, rates.eigen_cap, rates.bandwidth)
     return DeviceRates(*(value * cores for value in values), call_seconds=rates.call_seconds)
 
@@ -141,6 +141,7 @@ def estimate_probe_cost(
     batch_size: int = 16,
     permutations: int = 10,
     device: str = "cpu",
+    cores: int | None = None,
 ) -> ProbeCost:
     """Estimate the time and memory of one probe from its shape (no tensor is allocated).
 
@@ -157,12 +158,13 @@ def estimate_probe_cost(
         batch_size: prompts per probe forward (bounds the token metrics' memory).
         permutations: DiME's random permutations.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:1"``, ...).
+        cores: CPU cores the CPU rates are multiplied by (default: ``os.cpu_count()``).
     """
     lengths = [int(tokens)] * int(prompts or 0) if isinstance(tokens, int) else [int(n) for n in tokens]
     m, d, blocks = len(lengths), int(width), max(int(layers) - 1, 1)
     if parameters is None:
         parameters = 12 * blocks * d * d
-    rates = _rates(device)
+    rates = _rates(device, cores)
     passes = 1 + int(views)
     forward = passes * sum(2.0 * parameters * n + 4.0 * blocks * n * n * d for n in lengths)
     parts = {"gram": 0.0, "eigenvalues": 0.0, "passes": 0.0, "set_level": 0.0}
