@@ -56,7 +56,10 @@ also probes the final weights when the last step was not on the schedule. To res
     accelerator.load_state("runs/exp1/checkpoints/checkpoint_3")   # watch.optimizer_step is the saved step again
 
 Only data parallelism (DDP, FSDP1, FSDP2, DeepSpeed ZeRO) is supported; tensor, context or sequence parallelism
-is refused at construction.
+is refused at construction, and so are a model whose blocks are not found or that cannot take the probe.
+
+The policy (probe forms, default logdir, resume point, final probe, option checks) is :mod:`layerwatch.session`'s,
+shared with the Trainer callback; this module translates the loop's calls and Accelerate's checkpointing.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from layerwatch import session
 from layerwatch._compat import is_fsdp2, unwrap_model
 from layerwatch.sinks import Sink
 
@@ -142,37 +146,9 @@ def resolve_probe_module(accelerator: Accelerator, model: torch.nn.Module) -> to
     return _strip_compile(unwrap_model(accelerator, model))  # accelerate < 1.3 keeps compile wrappers
 
 
-def _as_probe(probe: Any) -> Any:
-    """A :class:`layerwatch.Probe`, loading it when given the path of a saved probe."""
-    from layerwatch.probe import Probe
-
-    if isinstance(probe, (str, os.PathLike)):
-        return Probe.load(probe)
-    if not isinstance(probe, Probe):
-        raise TypeError(
-            f"probe must be a layerwatch.Probe or the path of a saved one, got {type(probe).__name__}; build it with "
-            "Probe.from_texts(texts, tokenizer), Probe.from_tensors(...) or Probe.from_dataset(...)"
-        )
-    return probe
-
-
-def _check_watch_kwargs(watch_kwargs: dict[str, Any]) -> None:
-    """Refuse, at construction rather than at the first probe, options ``LayerWatch`` does not have."""
-    import inspect
-
-    from layerwatch.monitor import LayerWatch
-
-    parameters = inspect.signature(LayerWatch).parameters
-    unknown = sorted(name for name in watch_kwargs if name not in parameters or name in ("probe", "logdir", "every"))
-    if unknown:
-        allowed = [n for n in parameters if n not in ("probe", "logdir", "every", "tensorboard", "self")]
-        raise TypeError(f"LayerWatchAccelerate got unknown option(s) {unknown}; LayerWatch options are {allowed}")
-
-
 def default_logdir(accelerator: Accelerator) -> str:
     """``<logging_dir or project_dir or "runs">/layerwatch``: a stable folder, so resumed runs append to it."""
-    base = accelerator.logging_dir or accelerator.project_dir or "runs"
-    return os.path.join(os.fspath(base), "layerwatch")
+    return session.default_logdir(accelerator.logging_dir or accelerator.project_dir)
 
 
 class AcceleratorTrackersSink(Sink):
@@ -228,13 +204,12 @@ class LayerWatchAccelerate:
         register_for_checkpointing: bool = True,
         **watch_kwargs: Any,
     ) -> None:
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive int (optimizer steps between probes), got {every!r}")
-        probe = _as_probe(probe)
-        _check_watch_kwargs(watch_kwargs)
+        session.check_watch_options(dict(watch_kwargs, every=every), owner="LayerWatchAccelerate")
+        probe = session.as_probe(probe)
         self.accelerator = accelerator
         self.model = model
         self.module = resolve_probe_module(accelerator, model)
+        session.check_model(self.module, probe, watch_kwargs.get("layers"))
         self.probe = probe
         self.every = every
         self.logdir = os.fspath(logdir) if logdir is not None else default_logdir(accelerator)
@@ -269,13 +244,8 @@ class LayerWatchAccelerate:
         replaces what an older run left in the folder), and a run whose first explicit ``step=`` is ``s > 1``
         continues a series up to ``s - 1``.
         """
-        if self._explicit_resume_step is not None:
-            return int(self._explicit_resume_step)
-        if self._resumed_step is not None:
-            return self._resumed_step
-        if first_step is None or first_step <= 1:
-            return -1
-        return first_step - 1
+        restored = self._explicit_resume_step if self._explicit_resume_step is not None else self._resumed_step
+        return session.resume_point(restored, first_step)
 
     def _uses_trackers(self) -> bool:
         return bool(self.log_to_trackers and getattr(self.accelerator, "trackers", None))
@@ -360,7 +330,7 @@ class LayerWatchAccelerate:
         """
         record = None
         try:
-            if self._optimizer_step > 0 and self.last_probed_step != self._optimizer_step:
+            if session.final_probe_due(self.last_probed_step, self._optimizer_step):
                 record = self.run()
         finally:
             self.close()

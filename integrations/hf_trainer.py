@@ -8,11 +8,11 @@
 
 What the callback does, event by event:
 
-- ``on_train_begin`` (every rank): gets a probe (see *Where the probe comes from*), saves it as
-  ``<logdir>/probe.safetensors`` (world process zero only) and creates the :class:`layerwatch.LayerWatch` monitor. The
-  logdir defaults to ``<output_dir>/layerwatch``, a stable folder, so a run resumed from a checkpoint continues the
-  same series: when ``state.global_step > 0`` the monitor is told ``resume_step=global_step``, which drops the JSONL
-  records the interrupted run wrote after that checkpoint and makes TensorBoard hide its later events
+- ``on_train_begin`` (every rank): gets a probe (see *Where the probe comes from*), checks that the model can take
+  it, and creates the :class:`layerwatch.LayerWatch` monitor (world process zero writes ``probe.safetensors`` and the
+  records). The logdir defaults to ``<output_dir>/layerwatch``, a stable folder, so a run resumed from a checkpoint
+  continues the same series: when ``state.global_step > 0`` the monitor is told ``resume_step=global_step``, which
+  drops the JSONL records the interrupted run wrote after that checkpoint and makes TensorBoard hide its later events
   (``purge_step``). A run that starts from step 0 in a folder holding a finished run moves that run to
   ``<logdir>.previous-<time>`` (never deleted; a warning says where); a folder another process is still writing
   is refused.
@@ -39,6 +39,10 @@ Where the probe comes from, in this order:
 Datasets are read by indexing (:meth:`layerwatch.Probe.from_dataset`): their ``input_ids`` when they are tokenized,
 else their text column with the tokenizer. The training dataloader is never iterated: iterating it would advance the
 sampler and, under Accelerate, broadcast RNG state, changing the training run.
+
+The policy (probe forms, default logdir, resume point, final probe, option checks) lives in
+:mod:`layerwatch.session`, shared with the Accelerate integration; this module translates the Trainer's events, and
+:func:`find_dataset` finds the Trainer's datasets, which the events do not carry.
 """
 
 from __future__ import annotations
@@ -52,18 +56,19 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from layerwatch.augment import max_view_length
-from layerwatch.capture import max_positions, model_config
+from layerwatch import session
+from layerwatch.checks import check_int
 from layerwatch.monitor import all_ranks_max
-from layerwatch.probe import PROBE_FILENAME
 from layerwatch.registry import resolve_metrics
+from layerwatch.rundir import PROBE_FILENAME
 from layerwatch.trackers import tracker_sinks
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LayerWatchCallback"]
 
-DEFAULT_MAX_LENGTH = 128
+DEFAULT_MAX_LENGTH = session.DEFAULT_MAX_LENGTH
+_OWNER = "LayerWatchCallback"
 _SET_BY_CALLBACK = ("probe", "logdir", "resume_step")
 
 
@@ -91,11 +96,12 @@ class LayerWatchCallback(TrainerCallback):
 
     Raises:
         ValueError: a bad ``every``, ``metrics``, ``batch_size``, ``num_prompts``, ``max_length``, ``alpha`` or
-            ``max_overhead``.
+            ``max_overhead`` (checked by :func:`layerwatch.session.check_watch_options`, with the monitor's checks).
         TypeError: an option :class:`layerwatch.LayerWatch` does not have, or a ``probe`` of an unusable type.
 
     At ``on_train_begin`` (on every rank alike, before the first step) a ``ValueError`` says so when no probe can be
-    built: texts without a tokenizer, an iterable-only dataset, no dataset at all. Failures of the probe itself
+    built (texts without a tokenizer, an iterable-only dataset, no dataset at all) or the model cannot take it (its
+    blocks are not found, a token id past its vocabulary, prompts past its positions). Failures of the probe itself
     during training are logged and counted, and training goes on (``strict=True`` raises instead).
     """
 
@@ -115,14 +121,14 @@ class LayerWatchCallback(TrainerCallback):
         text_column: str = "text",
         **watch_options: Any,
     ) -> None:
-        _check_positive_int(every, "every")
-        _check_positive_int(batch_size, "batch_size")
-        _check_positive_int(num_prompts, "num_prompts")
+        self.watch_options: dict[str, Any] = dict(
+            watch_options, metrics=metrics, layers=layers, batch_size=batch_size, strict=strict
+        )
+        session.check_watch_options(dict(self.watch_options, every=every), owner=_OWNER, reserved=_SET_BY_CALLBACK)
+        check_int(num_prompts, "num_prompts", minimum=1)
         if max_length is not None:
-            _check_positive_int(max_length, "max_length")
-        _check_probe_source(probe)
-        _check_metrics(metrics)
-        _check_watch_options(watch_options)
+            check_int(max_length, "max_length", minimum=1)
+        session.check_probe_source(probe, owner=_OWNER)
         self.every = every
         self.probe = probe
         self.logdir = None if logdir is None else os.fspath(logdir)
@@ -130,12 +136,8 @@ class LayerWatchCallback(TrainerCallback):
         self.num_prompts = num_prompts
         self.max_length = max_length
         self.text_column = text_column
-        self.watch_options: dict[str, Any] = dict(
-            watch_options, metrics=metrics, layers=layers, batch_size=batch_size, strict=strict
-        )
         self.watch: Any = None  # the layerwatch.LayerWatch of the current train() call
         self._start_step = 0
-        self._is_main = True
 
     # ------------------------------------------------------------------ Trainer events
 
@@ -145,25 +147,33 @@ class LayerWatchCallback(TrainerCallback):
         if self.watch is not None:  # a second train() call with the same callback
             self.watch.close()
             self.watch = None
-        logdir = Path(self.logdir if self.logdir is not None else os.path.join(args.output_dir, "layerwatch"))
+        logdir = Path(self.logdir if self.logdir is not None else session.default_logdir(args.output_dir))
         self._start_step = int(state.global_step)
-        self._is_main = bool(state.is_world_process_zero)
+        is_main = bool(state.is_world_process_zero)
         model = kwargs.get("model")
-        probe = self._get_probe(logdir, model, kwargs)
+        probe = session.resolve_probe(
+            self.probe, owner=_OWNER, model=model,
+            tokenizer=_text_tokenizer(kwargs.get("processing_class") or kwargs.get("tokenizer")),
+            saved=logdir / PROBE_FILENAME, resuming=self._start_step > 0, warn_changed=is_main,
+            views=resolve_metrics(self.watch_options["metrics"])[2],  # the augmented views the metrics feed
+            find_dataset=lambda: find_dataset(kwargs), num_prompts=self.num_prompts, max_length=self.max_length,
+            seed=int(self.watch_options.get("seed", 0)), text_column=self.text_column,
+        )
+        if model is not None:
+            session.check_model(model, probe, self.watch_options.get("layers"))
         options = dict(self.watch_options)
-        if not self._is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
-            options["sinks"] = None
-        else:  # follow report_to: W&B / MLflow runs the Trainer started get the scalars too (layerwatch.trackers)
-            options["sinks"] = [*(options.get("sinks") or []), *tracker_sinks(getattr(args, "report_to", None))]
         # Resuming keeps the records up to the checkpoint's step; a run from step 0 is a fresh run (resume_step=-1):
         # a finished run in the same folder moves to <logdir>.previous-<time> (layerwatch.rundir), never deleted,
         # and a live writer there refuses it.
-        resume_step = self._start_step if self._start_step > 0 else -1
+        if not is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
+            options["sinks"] = None
+        else:  # follow report_to: W&B / MLflow runs the Trainer started get the scalars too (layerwatch.trackers)
+            options["sinks"] = [*(options.get("sinks") or []), *tracker_sinks(getattr(args, "report_to", None))]
         self.watch = LayerWatch(
             probe,
-            logdir=str(logdir) if self._is_main else None,
+            logdir=str(logdir) if is_main else None,
             every=self.every,
-            resume_step=resume_step,
+            resume_step=session.resume_point(self._start_step or None),
             **options,
         )
         logger.info(
@@ -193,8 +203,7 @@ class LayerWatchCallback(TrainerCallback):
             return
         step = int(state.global_step)
         try:
-            last = self.watch.last_probed_step
-            if step > self._start_step and (last is None or last < step):
+            if session.final_probe_due(self.watch.last_probed_step, step, self._start_step):
                 if getattr(args, "load_best_model_at_end", False) and getattr(state, "best_model_checkpoint", None):
                     logger.info(
                         "layerwatch: no final probe at step %d: load_best_model_at_end replaced the weights", step
@@ -219,109 +228,18 @@ class LayerWatchCallback(TrainerCallback):
             logger.warning("layerwatch: representation collapse at step %d; stopping training (stop_on_collapse)", step)
             control.should_training_stop = True
 
-    def _get_probe(self, logdir: Path, model: Any, kwargs: Mapping[str, Any]) -> Any:
-        from layerwatch import Probe
 
-        tokenizer = _text_tokenizer(kwargs.get("processing_class") or kwargs.get("tokenizer"))
-        source = self.probe
-        saved = logdir / PROBE_FILENAME
-        if isinstance(source, Probe):
-            probe = source
-        elif isinstance(source, (str, os.PathLike)):
-            probe = Probe.load(source)
-        elif _is_text_list(source):
-            if tokenizer is None:
-                raise ValueError(
-                    "LayerWatchCallback(probe=<list of texts>) needs a tokenizer: pass processing_class=tokenizer to "
-                    "the Trainer, or pass probe=layerwatch.Probe.from_texts(texts, tokenizer)"
-                )
-            probe = Probe.from_texts(
-                list(source), tokenizer, max_length=self._max_length(model), num_prompts=self.num_prompts,
-                seed=self._seed(),
-            )
-        elif source is not None:
-            probe = self._from_dataset(source, tokenizer, model, "the dataset passed as probe=")
-        elif self._start_step > 0 and saved.is_file():
-            probe = Probe.load(saved)
-            logger.info("layerwatch: resuming with the probe saved in %s", saved)
-        else:
-            dataset, origin = _find_dataset(kwargs)
-            if dataset is None:
-                raise ValueError(
-                    "LayerWatchCallback found no dataset to build its probe from: pass probe= (a layerwatch.Probe, "
-                    "a saved probe path, a list of texts or an indexable dataset)"
-                )
-            probe = self._from_dataset(dataset, tokenizer, model, origin)
-        if self._start_step > 0 and source is not None and self._is_main and saved.is_file():
-            try:
-                views = resolve_metrics(self.watch_options["metrics"])[2]  # the views this preset feeds
-                changed = Probe.load(saved).series_hash(views) != probe.series_hash(views)
-            except Exception:  # noqa: BLE001 - only a comparison
-                changed = False
-            if changed:
-                logger.warning(
-                    "layerwatch: resuming with a probe that differs from the one in %s; the metrics before and "
-                    "after step %d are not comparable", saved, self._start_step,
-                )
-        return probe
-
-    def _from_dataset(self, dataset: Any, tokenizer: Any, model: Any, origin: str) -> Any:
-        from layerwatch import Probe
-
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
-            raise ValueError(
-                f"LayerWatchCallback cannot build a probe from {origin} ({type(dataset).__name__}): it is not "
-                "indexable (an IterableDataset?). Pass probe= (a layerwatch.Probe, a saved probe path, a list of "
-                "texts or an indexable dataset)"
-            )
-        extra: dict[str, Any] = {}
-        if tokenizer is None:  # a tokenized dataset and no processing_class: the model knows the vocabulary
-            config = model_config(model) if model is not None else None
-            vocab_size = getattr(config, "vocab_size", None)
-            if vocab_size is None:
-                raise ValueError(
-                    f"LayerWatchCallback cannot build a probe from {origin} without a tokenizer and without "
-                    "model.config.vocab_size; pass processing_class=tokenizer to the Trainer, or pass probe="
-                )
-            extra["vocab_size"] = int(vocab_size)
-            pad = getattr(config, "pad_token_id", None)
-            if isinstance(pad, int) and 0 <= pad < vocab_size:
-                extra["pad_token_id"] = pad
-        logger.info("layerwatch: building the probe from %s", origin)
-        return Probe.from_dataset(
-            dataset, tokenizer=tokenizer, text_column=self.text_column, num_prompts=self.num_prompts,
-            max_length=self._max_length(model), seed=self._seed(), **extra,
-        )
-
-    def _max_length(self, model: Any) -> int:
-        """``max_length``, or 128, capped so the prompt (and, for metrics that use them, its longest augmented view)
-        fits the model's positions."""
-        wanted = self.max_length if self.max_length is not None else DEFAULT_MAX_LENGTH
-        positions = max_positions(model) if model is not None else None
-        if positions is None:
-            return wanted
-        fitting = positions  # the longest prompt whose augmented views (which insert tokens) still fit
-        uses_views = resolve_metrics(self.watch_options["metrics"])[2] > 0  # metrics="light" feeds no views
-        while uses_views and fitting > 1 and max_view_length(fitting) > positions:
-            fitting -= 1
-        if fitting < wanted:
-            if self.max_length is not None:
-                logger.warning(
-                    "layerwatch: max_length=%d lowered to %d: the model takes %d positions and augmented views are "
-                    "longer than their prompts", wanted, fitting, positions,
-                )
-            return max(1, fitting)
-        return wanted
-
-    def _seed(self) -> int:
-        return int(self.watch_options.get("seed", 0))
+# ---------------------------------------------------------------------- where the Trainer keeps its datasets
 
 
-# ---------------------------------------------------------------------- module helpers
+def find_dataset(kwargs: Mapping[str, Any]) -> tuple[Any, str]:
+    """The dataset to build a probe from, and its description: evaluation first, then training.
 
-
-def _find_dataset(kwargs: Mapping[str, Any]) -> tuple[Any, str]:
-    """The dataset to build a probe from: evaluation first, then training (see the module docstring)."""
+    The callback events pass the data loaders (``eval_dataloader`` only once the Trainer evaluated) but not the
+    datasets, so the Trainer's ``eval_dataset`` (the first one of a dict) and ``train_dataset`` are read from the
+    calling ``Trainer`` on the call stack (:func:`_calling_trainer`). The training loader is only read as
+    ``train_dataloader.dataset``, never iterated.
+    """
     eval_loader = kwargs.get("eval_dataloader")
     if eval_loader is not None and getattr(eval_loader, "dataset", None) is not None:
         return eval_loader.dataset, "the evaluation dataset"
@@ -364,71 +282,3 @@ def _text_tokenizer(processing_class: Any) -> Any:
     if callable(processing_class) and hasattr(processing_class, "pad_token_id"):
         return processing_class
     return getattr(processing_class, "tokenizer", None)
-
-
-def _is_text_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LayerWatchCallback: {name} must be a positive integer, got {value!r}")
-
-
-def _check_probe_source(probe: Any) -> None:
-    if probe is None or isinstance(probe, (str, os.PathLike)) or _is_text_list(probe):
-        return
-    from layerwatch import Probe
-
-    if isinstance(probe, Probe):
-        return
-    if isinstance(probe, (list, tuple)):
-        raise TypeError("LayerWatchCallback: probe= as a list must be a non-empty list of texts (str)")
-    if isinstance(probe, Mapping):
-        raise TypeError(
-            "LayerWatchCallback: probe= got a mapping; pass a dataset of rows (datasets.Dataset, a list of dicts), "
-            "a list of texts, a layerwatch.Probe or a saved probe path"
-        )
-    if not (hasattr(probe, "__len__") and hasattr(probe, "__getitem__")):
-        raise TypeError(
-            f"LayerWatchCallback: probe= must be a layerwatch.Probe, a saved probe path, a list of texts or an "
-            f"indexable dataset; got {type(probe).__name__}"
-        )
-
-
-def _check_metrics(metrics: Any) -> None:
-    from layerwatch.monitor import resolve_metrics
-
-    try:
-        resolve_metrics(metrics)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"LayerWatchCallback: bad metrics={metrics!r}: {error}") from None
-
-
-def _check_watch_options(options: Mapping[str, Any]) -> None:
-    from layerwatch import LayerWatch
-
-    reserved = [name for name in options if name in _SET_BY_CALLBACK]
-    if reserved:
-        raise TypeError(
-            f"LayerWatchCallback sets {', '.join(reserved)} itself; pass probe= and logdir= as its own arguments"
-        )
-    parameters = inspect.signature(LayerWatch).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    unknown = sorted(name for name in options if name not in parameters)
-    if unknown and not open_ended:
-        raise TypeError(
-            f"LayerWatchCallback got unknown option(s) {', '.join(unknown)}; LayerWatch accepts "
-            f"{', '.join(n for n in parameters if n not in _SET_BY_CALLBACK)}"
-        )
-    from layerwatch.schedule import ProbeSchedule
-
-    try:
-        ProbeSchedule(every=1, max_overhead=options.get("max_overhead"))
-    except ValueError as error:
-        raise ValueError(f"LayerWatchCallback: {error}") from None
-    alpha = options.get("alpha", 1.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(
-            f"LayerWatchCallback: alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}"
-        )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Hashable
 
@@ -40,23 +40,39 @@ __all__ = ["ModelFacts", "forget_model_facts", "model_facts"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelFacts:
     """Facts about one model that do not change while it trains.
 
     Attributes:
-        blocks: the blocks the hooks watch, in forward order (see :func:`layerwatch.capture.find_blocks`).
         forward_options: keyword arguments that keep a probe forward cheap (``use_cache=False``, ...).
         accepts_attention_mask: whether ``forward`` takes ``attention_mask``.
         max_positions: the longest sequence it takes (``None``: unbounded).
         vocab_size: ``config.vocab_size``, else the rows of the input embedding (``None``: unknown).
     """
 
-    blocks: tuple[nn.Module, ...]
     forward_options: Mapping[str, Any]
     accepts_attention_mask: bool
     max_positions: int | None
     vocab_size: int | None
+    _model: weakref.ref[nn.Module] = field(repr=False)
+    _blocks: dict[Hashable, tuple[nn.Module, ...]] = field(default_factory=dict, repr=False)
+
+    def blocks(self, layers: str | Sequence[nn.Module] | None = None) -> tuple[nn.Module, ...]:
+        """The blocks the hooks watch, in forward order (:func:`layerwatch.capture.find_blocks`), found once per
+        ``layers`` override (a dotted path or a list of modules; ``None``: discovered).
+
+        Raises:
+            ValueError: the blocks cannot be found (or ``layers`` names none).
+        """
+        key: Hashable = layers if layers is None or isinstance(layers, str) else ("modules", *map(id, layers))
+        found = self._blocks.get(key)
+        if found is None:
+            model = self._model()
+            if model is None:  # pragma: no cover - facts outliving their model
+                raise ReferenceError("the model of these facts was freed")
+            found = self._blocks[key] = tuple(find_blocks(model, layers))
+        return found
 
     def check_probe(self, probe: Probe, longest: int | None = None) -> None:
         """Refuse a probe this model cannot take: a token id past the vocabulary, or prompts past the positions.
@@ -89,33 +105,23 @@ class ModelFacts:
             )
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, ModelFacts]] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, ModelFacts] = weakref.WeakKeyDictionary()
 
 
-def model_facts(model: nn.Module, layers: str | Sequence[nn.Module] | None = None) -> ModelFacts:
+def model_facts(model: nn.Module) -> ModelFacts:
     """The :class:`ModelFacts` of ``model`` (resolved on the first call, then cached while the model lives).
 
     Args:
         model: any ``nn.Module``, possibly wrapped (DDP, FSDP, DeepSpeed, PEFT, ``torch.compile``).
-        layers: the ``layers=`` override of :func:`layerwatch.capture.find_blocks` (a dotted path or modules).
-
-    Raises:
-        ValueError: the blocks cannot be found (or ``layers`` names none).
     """
-    per_model = _CACHE.get(model)
-    if per_model is None:
-        per_model = _CACHE[model] = {}
-    key: Hashable = layers if layers is None or isinstance(layers, str) else ("modules", *map(id, layers))
-    facts = per_model.get(key)
+    facts = _CACHE.get(model)
     if facts is None:
-        known = next(iter(per_model.values()), None)  # the other facts do not depend on `layers`
-        blocks = tuple(find_blocks(model, layers))
-        facts = per_model[key] = ModelFacts(
-            blocks=blocks,
-            forward_options=known.forward_options if known else MappingProxyType(forward_options(model)),
-            accepts_attention_mask=known.accepts_attention_mask if known else accepts_attention_mask(model),
-            max_positions=known.max_positions if known else max_positions(model),
-            vocab_size=known.vocab_size if known else _vocab_size(model),
+        facts = _CACHE[model] = ModelFacts(
+            forward_options=MappingProxyType(forward_options(model)),
+            accepts_attention_mask=accepts_attention_mask(model),
+            max_positions=max_positions(model),
+            vocab_size=_vocab_size(model),
+            _model=weakref.ref(model),
         )
     return facts
 

@@ -95,12 +95,7 @@ def _check_arguments(probe: Any, alpha: Any, batch_size: Any, collapse_probes: A
             f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
             "Probe.from_tensors or Probe.from_dataset"
         )
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
-    if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
-        raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
+    check_options(alpha=alpha, batch_size=batch_size, collapse_probes=collapse_probes)
 
 
 def _settings(watch: "LayerWatch", world: int) -> dict[str, Any]:
@@ -133,6 +128,33 @@ def _labelled_metrics(names: tuple[str, ...], probe: Probe, *, explicit: bool) -
             "Probe.from_tensors(..., labels=...)"
         )
     return tuple(name for name in names if name not in needing)
+
+
+def check_options(
+    *,
+    alpha: float = 1.0,
+    batch_size: int = 16,
+    collapse_probes: int = 2,
+    every: int | None = None,
+    max_overhead: float | None = None,
+    metrics: str | Sequence[str] | None = None,
+) -> None:
+    """Refuse :class:`LayerWatch` option values it cannot use (``ValueError`` naming the option).
+
+    :class:`LayerWatch` checks ``alpha``, ``batch_size`` and ``collapse_probes`` here (its schedule and
+    :func:`resolve_metrics` check the others as it builds them); the integrations call it with all six when they
+    are built, before training, so that nothing is checked twice in different words.
+    """
+    if not (isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
+    if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
+        raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
+    if every is not None or max_overhead is not None:
+        ProbeSchedule(every=1 if every is None else every, max_overhead=max_overhead)
+    if metrics is not None:
+        resolve_metrics(metrics)
 
 
 class LayerWatch:
@@ -334,15 +356,15 @@ class LayerWatch:
         fed = passes(self.metric_names, self.probe, self.num_views)  # only what the selected metrics feed
         facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in fed))
         check_probe_cost(  # warns, before the first forward, about a probe far costlier than its forward passes
-            model, layers=len(facts.blocks) + 1, lengths=self.probe.attention_mask.sum(1).tolist(),
+            model, layers=len(facts.blocks(self.layers)) + 1, lengths=self.probe.attention_mask.sum(1).tolist(),
             metric_names=self.metric_names, views=self.num_views, alpha=self.alpha, batch_size=self.batch_size,
         )
         self._validated.add(model)
 
     def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:
-        facts = model_facts(model, self.layers)
+        facts = model_facts(model)
+        blocks = facts.blocks(self.layers)
         self._validate(model, facts)
-        blocks = facts.blocks
         collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
         local_error = self._forward(model, facts, collector)
         collector.reduce_across_ranks(local_error)
@@ -365,7 +387,7 @@ class LayerWatch:
         device = self.device or model_device(model)
         options, pass_mask = facts.forward_options, facts.accepts_attention_mask
         local_error: BaseException | None = None
-        with isolated(model), LayerHooks(facts.blocks, collector.on_layer) as hooks:
+        with isolated(model), LayerHooks(facts.blocks(self.layers), collector.on_layer) as hooks:
             for inputs in collector.micro_batches(self.batch_size, device, options, pass_mask):
                 try:
                     model(**inputs)

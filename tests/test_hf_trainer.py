@@ -305,3 +305,24 @@ def test_unknown_options_and_probe_types_raise_type_error():
         LayerWatchCallback(probe=[1, 2, 3])
     with pytest.raises(TypeError, match="mapping"):
         LayerWatchCallback(probe={"input_ids": [[1, 2, 3]]})
+
+
+def test_find_dataset_reads_the_calling_trainer(tmp_path):
+    """The events carry no datasets: find_dataset reads the calling Trainer's (the first evaluation set of a dict)."""
+    from layerwatch.integrations.hf_trainer import find_dataset
+
+    assert find_dataset({}) == (None, "the training dataset")  # no Trainer on the stack, no loaders
+    train, valid = CountingDataset(8, 0, 64, seed=0), eval_dataset()
+    found = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            found["eval"] = find_dataset(kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    make_trainer(tmp_path / "eval", [Spy()], steps=1, train=train, eval_data={"valid": valid}).train()
+    assert found["eval"] == (valid, "the evaluation dataset 'valid'")
+    make_trainer(tmp_path / "train", [Spy()], steps=1, train=train).train()
+    assert found["eval"][0] is train and found["eval"][1] == "the training dataset"

@@ -17,7 +17,7 @@ from models import TINY_VOCAB, tiny_model
 def test_facts_match_the_model(tmp_path):
     model = tiny_model("llama", layers=3)
     facts = model_facts(model)
-    assert list(facts.blocks) == list(model.model.layers) and len(facts.blocks) == 3
+    assert list(facts.blocks()) == list(model.model.layers) and len(facts.blocks()) == 3
     assert facts.vocab_size == TINY_VOCAB == model.get_input_embeddings().num_embeddings
     assert facts.max_positions == 256
     assert facts.accepts_attention_mask is True
@@ -42,7 +42,9 @@ def test_vocabulary_from_the_embedding_without_a_config():
                 hidden = layer(hidden)
             return hidden
 
-    facts = model_facts(Bare())
+    bare = Bare()
+    facts = model_facts(bare)
+    assert facts.blocks() == tuple(bare.layers)
     assert facts.vocab_size == 40 and facts.max_positions is None and facts.accepts_attention_mask is False
 
 
@@ -61,9 +63,10 @@ def test_resolved_once_per_model_and_forgotten_when_freed(tmp_path, monkeypatch)
         assert watch.step(model, step) is not None
     assert calls == [None]  # three probes, one walk
     assert model_facts(model) is model_facts(model)
-    assert model_facts(model, "transformer.h").blocks == model_facts(model).blocks and calls == [None, "transformer.h"]
+    assert model_facts(model).blocks("transformer.h") == model_facts(model).blocks()
+    assert calls == [None, "transformer.h"]
     forget_model_facts(model)
-    model_facts(model)
+    model_facts(model).blocks()
     assert calls == [None, "transformer.h", None]
 
     gone = weakref.ref(model)
