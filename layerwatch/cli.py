@@ -1,7 +1,7 @@
 """The ``layerwatch`` command: ``demo``, ``trajectory`` and ``report``.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; they are
-imported only when used, so ``layerwatch --help`` stays fast.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; only the
+module of the subcommand being run is imported (none for ``layerwatch --help``), so the command starts fast.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``layerwatch`` parser; only ``command``'s module is imported to add its arguments (none for ``--help``)."""
     parser = argparse.ArgumentParser(
         prog="layerwatch",
         description="Watch every layer's representations evolve while a language model trains.",
@@ -31,23 +32,34 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
-        _lazy_arguments(sub, module_name)
+        if name == command:
+            _add_arguments(sub, module_name)
     return parser
 
 
-def _lazy_arguments(sub: argparse.ArgumentParser, module_name: str) -> None:
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv``: the first argument that is not an option (the top level has no values)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
+
+
+def _add_arguments(sub: argparse.ArgumentParser, module_name: str) -> None:
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:  # a subcommand with a missing optional dependency still shows in --help
+    except ImportError as error:  # a subcommand with a missing optional dependency says so when it is run
         sub.set_defaults(_import_error=str(error))
+        sub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         return
     module.add_arguments(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         parser.print_help()
         return 0

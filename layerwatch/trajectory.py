@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from layerwatch.monitor import LayerWatch
     from layerwatch.probe import Probe
     from layerwatch.runs import Run
 
-from layerwatch.runs import summary_table  # noqa: F401  (part of this module's API: the CLI's closing table)
+from layerwatch.runs import summary_table
 from layerwatch.rundir import JSONL_NAME, PROBE_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -509,53 +510,23 @@ def run_trajectory(
         check_weights(checkpoint, allow_pickle=allow_pickle)
 
     out.mkdir(parents=True, exist_ok=True)
-    saved_probe = out / PROBE_FILENAME
-    if saved_probe.is_file() and done:
-        previous = _load_probe_file(saved_probe)
-        views = _views_used(metrics)  # compare the prompts and the views these metrics use, not the whole file
-        if previous.series_hash(views) != probe_obj.series_hash(views):
-            raise TrajectoryError(
-                f"{out} already holds a run probed with a different probe ({saved_probe}): other prompts, or other "
-                f"augmented views; its values would not be comparable. Use another --out, or reuse that probe "
-                f"(--probe {saved_probe})."
-            )
-
+    if done:
+        _check_same_probe(out, probe_obj, _views_used(metrics))
     if pending:
-        metric_arg: Any = metrics if isinstance(metrics, str) else list(metrics)
         watch = LayerWatch(
             probe_obj,
             logdir=str(out),
-            metrics=metric_arg,
+            metrics=metrics if isinstance(metrics, str) else list(metrics),
             alpha=alpha,
             batch_size=batch_size,
             tensorboard=tensorboard,
             jsonl=True,
-            strict=True,
+            strict=True,  # a failed probe raises: it is reported with its checkpoint
         )
         bar = _progress_bar(len(pending), enabled=progress)
         try:
             for checkpoint in pending:
-                started = time.perf_counter()
-                model = load_checkpoint(checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
-                loaded = time.perf_counter()
-                try:
-                    try:  # the monitor refuses, before any forward, a probe this model cannot take
-                        record = watch.run(model, checkpoint.step)
-                    except TrajectoryError:
-                        raise
-                    except Exception as error:  # noqa: BLE001 - report which checkpoint failed and why
-                        raise TrajectoryError(
-                            f"probing {checkpoint.path} (step {checkpoint.step}) failed: "
-                            f"{type(error).__name__}: {error}"
-                        ) from error
-                    if record is None:
-                        raise TrajectoryError(
-                            f"probing {checkpoint.path} (step {checkpoint.step}) failed; see the warnings above"
-                        )
-                finally:
-                    del model  # release each model before the next one loads
-                    free_memory()
-                timings = {"load_s": loaded - started, "probe_s": time.perf_counter() - loaded}
+                timings = _probe_checkpoint(watch, checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
                 if on_checkpoint is not None:
                     on_checkpoint(checkpoint, timings)
                 bar.update(1)
@@ -563,6 +534,37 @@ def run_trajectory(
             bar.close()
             watch.close()
     return read_run(out)
+
+
+def _check_same_probe(out: Path, probe: "Probe", views: int) -> None:
+    """Refuse to add to a run measured with another probe: the prompts and the views these metrics use differ, not
+    merely the file (its values would not be comparable)."""
+    saved_probe = out / PROBE_FILENAME
+    if saved_probe.is_file() and _load_probe_file(saved_probe).series_hash(views) != probe.series_hash(views):
+        raise TrajectoryError(
+            f"{out} already holds a run probed with a different probe ({saved_probe}): other prompts, or other "
+            f"augmented views; its values would not be comparable. Use another --out, or reuse that probe "
+            f"(--probe {saved_probe})."
+        )
+
+
+def _probe_checkpoint(
+    watch: "LayerWatch", checkpoint: Checkpoint, *, device: str, dtype: str, allow_pickle: bool
+) -> dict[str, float]:
+    """Load one checkpoint, probe it as its step (the model is released afterwards); returns the timings."""
+    started = time.perf_counter()
+    model = load_checkpoint(checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    loaded = time.perf_counter()
+    try:  # the monitor refuses, before any forward, a probe this model cannot take
+        watch.run(model, checkpoint.step)
+    except Exception as error:  # noqa: BLE001 - report which checkpoint failed and why
+        raise TrajectoryError(
+            f"probing {checkpoint.path} (step {checkpoint.step}) failed: {type(error).__name__}: {error}"
+        ) from error
+    finally:
+        del model  # release each model before the next one loads
+        free_memory()
+    return {"load_s": loaded - started, "probe_s": time.perf_counter() - loaded}
 
 
 class _NoBar:
@@ -581,11 +583,6 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         return _NoBar()
     return tqdm(total=total, unit="checkpoint", file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------------------------
