@@ -238,12 +238,8 @@ class LayerWatchAccelerate:
         return self._watch
 
     def _resume_point(self, first_step: int | None) -> int:
-        """Records after this step in ``logdir`` belong to an interrupted or older run and are dropped.
-
-        After ``load_state``: the restored step. Otherwise a run whose first step is 0 or 1 is a fresh run (it
-        replaces what an older run left in the folder), and a run whose first explicit ``step=`` is ``s > 1``
-        continues a series up to ``s - 1``.
-        """
+        """The monitor's ``resume_step``: from an explicit ``resume_step=``, else the step ``load_state`` restored,
+        else the first step (:func:`layerwatch.session.resume_point`)."""
         restored = self._explicit_resume_step if self._explicit_resume_step is not None else self._resumed_step
         return session.resume_point(restored, first_step)
 

@@ -198,7 +198,7 @@ def resolve_probe(
     from layerwatch.probe import Probe
 
     saved_path = Path(saved) if saved is not None else None
-    if source is not None and (isinstance(source, (str, os.PathLike, Probe))):
+    if isinstance(source, (str, os.PathLike, Probe)):
         probe = as_probe(source)
     elif is_text_list(source):
         if tokenizer is None:
