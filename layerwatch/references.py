@@ -39,6 +39,7 @@ class References:
         self.pooled: dict[str, torch.Tensor | None] = {"first": None, "previous": None}
         self.steps: dict[str, int] = {}
         self.reasons: list[str] = []  # why stored references were not used (reported once)
+        self._save_failed = False  # warned once that the files could not be written
         if self.logdir is not None:
             for which in REFERENCE_FILES:
                 self._load(which, resume_step)
@@ -101,10 +102,18 @@ class References:
                 self._save(which)
 
     def _save(self, which: str) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = self.logdir / REFERENCE_FILES[which]
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"probe_hash": self.probe_hash, "step": str(self.steps[which])}
-        save_file({"pooled": self.pooled[which]}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        try:
+            save_file({"pooled": self.pooled[which]}, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as error:  # a full or read-only disk is not a failed probe: the comparison goes on in memory
+            tmp.unlink(missing_ok=True)
+            if not self._save_failed:
+                logger.warning("layerwatch: could not write %s (%s); CKA goes on in memory, but a resumed run "
+                               "will not continue it", path, error)
+            self._save_failed = True

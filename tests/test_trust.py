@@ -211,7 +211,8 @@ def test_an_injected_collapse_alerts_within_two_probes(injection):
     alerted = {a.split(" at layer ")[1].split()[0] for _, a in _collapse_alerts(records[2:3])}
     assert "2" in alerted, records[2].alerts  # the second probe of the collapsed block raises it
     if injection == "rank1":
-        assert records[2].metrics["effective_rank"][2] == pytest.approx(1.0, abs=1e-6)
+        # float32 hidden states are reduced with float32 products (issue 12): agreement to 1e-4, not 1e-6
+        assert records[2].metrics["effective_rank"][2] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_a_massive_activation_on_the_first_token_does_not_alarm():
@@ -536,6 +537,17 @@ def _mount_tmpfs(path, size):
     return done.returncode == 0
 
 
+def _fill(path):
+    """Write zeros to ``path`` until its file system is full."""
+    try:
+        with open(path, "wb") as handle:
+            while True:
+                handle.write(b"\0" * (1 << 20))
+                handle.flush()
+    except OSError:
+        pass
+
+
 def _unmount(path):
     import subprocess
 
@@ -551,20 +563,14 @@ def test_a_full_logdir_mid_run_never_reaches_trainer_train(tmp_path, caplog):
     from layerwatch.integrations.hf_trainer import LayerWatchCallback
 
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "2m"):
+    if not _mount_tmpfs(disk, "32m"):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
         class Fault(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if state.global_step != 3:
                     return
-                with open(disk / "filler", "wb") as handle:
-                    try:
-                        while True:
-                            handle.write(b"\0" * 65536)
-                            handle.flush()
-                    except OSError:
-                        pass
+                _fill(disk / "filler")
 
         ids = torch.randint(1, TINY_VOCAB, (64, 16), generator=torch.Generator().manual_seed(0))
         dataset = [{"input_ids": row, "labels": row} for row in ids]
@@ -613,19 +619,13 @@ def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
     """The disk fills up under an open monitor: its JSONL and TensorBoard sinks die, and with them its claim on the
     directory, so (space freed) a new monitor can take the directory in the same process."""
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "1m"):
+    if not _mount_tmpfs(disk, "32m"):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
         model = tiny_model("gpt2")
         watch = LayerWatch(make_probe(), logdir=disk / "run", metrics="light")
         assert watch.run(model, 1) is not None
-        with open(disk / "filler", "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 65536)
-                    handle.flush()
-            except OSError:
-                pass
+        _fill(disk / "filler")
         for step in range(2, 6):
             assert watch.run(model, step) is not None  # the probes still compute
         assert watch.error_count == 0 and watch.sink_error_count >= 2
