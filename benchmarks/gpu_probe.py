@@ -85,6 +85,7 @@ def peak_bytes(call, device: torch.device) -> int:
 def measure(name: str, args, device: torch.device) -> dict:
     import layerwatch
     from layerwatch import metrics
+    from layerwatch.model_facts import model_facts
 
     model = build_model(name, args.smoke).to(device=device, dtype=torch.bfloat16)
     vocab = model.config.vocab_size
@@ -93,13 +94,15 @@ def measure(name: str, args, device: torch.device) -> dict:
     probe = layerwatch.Probe.from_tensors(ids, vocab_size=vocab, views=2, seed=0)
     watch = layerwatch.LayerWatch(probe, logdir=None, metrics="standard", batch_size=args.batch_size, strict=True)
 
+    forward_options = model_facts(model).forward_options  # use_cache=False, (num_)logits_to_keep=1: as the probe runs
+
     def bare_forwards():
         with torch.no_grad():
             for batch_ids, batch_mask in [(probe.input_ids, probe.attention_mask)] + list(probe.views[:2]):
                 for start in range(0, batch_ids.shape[0], args.batch_size):
                     chunk = slice(start, start + args.batch_size)
                     model(input_ids=batch_ids[chunk].to(device), attention_mask=batch_mask[chunk].to(device),
-                          use_cache=False, logits_to_keep=1)
+                          **forward_options)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     train_ids = torch.randint(0, vocab, (args.train_batch, args.tokens), generator=generator).to(device)

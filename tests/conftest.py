@@ -28,3 +28,14 @@ def tiny_model_factory():
 @pytest.fixture
 def tiny_vocab():
     return TINY_VOCAB
+
+
+@pytest.fixture
+def trainer_can_resume(monkeypatch):
+    """transformers < 4.51 loads its own rng_state.pth with torch.load's default, which torch 2.6+ refuses
+    (weights_only). Its users resume a checkpoint they trust this way; the code under test is not theirs or ours."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("4.51") and Version(torch.__version__) >= Version("2.6"):
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")

@@ -6,7 +6,6 @@ import logging
 import shutil
 
 import numpy as np
-from packaging.version import Version
 import pytest
 import torch
 import transformers
@@ -117,11 +116,7 @@ def test_tensorboard_and_jsonl_series(runs):
     assert int(probe.input_ids[probe.attention_mask.bool()].min()) >= 64
 
 
-def test_resume_from_checkpoint_continues_the_series(runs, tmp_path, monkeypatch):
-    if Version(transformers.__version__) < Version("4.51") and Version(torch.__version__) >= Version("2.6"):
-        # transformers < 4.51 loads its own rng_state.pth with torch.load's default, which torch 2.6+ refuses
-        # (weights_only); this is how its users resume a checkpoint they trust. Not layerwatch's code.
-        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+def test_resume_from_checkpoint_continues_the_series(runs, tmp_path, trainer_can_resume):
     out = tmp_path / "resumed"
     shutil.copytree(runs["root"] / "watched", out)
     before = layerwatch.read_run(out / "layerwatch")

@@ -365,7 +365,7 @@ def _trainer(out, callbacks, *, steps=4):
 
 
 @pytest.mark.parametrize("preset", ["light", "standard", "paper"])
-def test_resume_works_for_every_preset_with_the_trainer_and_trajectory(tmp_path, preset, caplog):
+def test_resume_works_for_every_preset_with_the_trainer_and_trajectory(tmp_path, preset, caplog, trainer_can_resume):
     """The probe a run saves may hold more views than the one the user passes (16 for "paper"): the series is the
     prompts and the views the preset uses, so resuming (Trainer) and continuing (trajectory) work, silently."""
     from layerwatch.integrations.hf_trainer import LayerWatchCallback
