@@ -7,17 +7,23 @@ A sink has ``write(record)``, ``write_errors(step, total_errors)`` (a no-op unle
 - :class:`TensorBoardSink`: one TensorBoard run per layer (``layer_NN/``, a scalar per metric and histograms of the
   per-prompt values the registry keeps), and in the run itself a custom-scalars layout with one chart per metric,
   a layer x step heatmap (grown one column per probe) and a depth-profile image per metric, alerts as text, and the
-  running count of failed probes.
+  running count of failed probes. The pictures are drawn on a background thread (:class:`PictureThread`).
 
 Which sinks a run directory gets, the file names and the one-writer rule live in :mod:`layerwatch.rundir`.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import logging
 import os
+import queue
 import re
+import threading
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +236,94 @@ class HeatmapHistory:
         return self._values[name][:, : len(self.steps)]
 
 
+#: Records whose pictures may wait for the drawing thread; a probe beyond that waits until one is drawn.
+PICTURE_BACKLOG = 2
+#: At interpreter exit, how long the pictures still being drawn are waited for (a run that never called close()).
+PICTURE_EXIT_WAIT_S = 60.0
+
+_PICTURE_THREADS: weakref.WeakSet = weakref.WeakSet()
+
+
+class PictureThread:
+    """Runs a TensorBoard sink's drawing jobs on one background thread, in the order they were submitted.
+
+    matplotlib takes about 0.1 s per picture and a run draws two per metric at every probe: 2-3 s per probe for the
+    "paper" preset, which would otherwise stop the training loop on the main process (and, in a distributed run,
+    every other rank at its next collective). Each job holds copies of what it draws. The training thread waits only
+    when :data:`PICTURE_BACKLOG` records' pictures are still queued. A job's error is raised by the next
+    :meth:`submit`, :meth:`wait` or :meth:`close`, so the sink group handles it like any other sink failure.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.Queue = queue.Queue(maxsize=PICTURE_BACKLOG)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        _PICTURE_THREADS.add(self)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job``; wait first if the backlog is full."""
+        self._raise_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job is done (at most ``timeout`` seconds); raise a job's error, if any.
+        Returns whether all were done."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._jobs.all_tasks_done:
+            while self._jobs.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._jobs.all_tasks_done.wait(remaining)
+            done = not self._jobs.unfinished_tasks
+        self._raise_error()
+        return done
+
+    def close(self) -> None:
+        """Wait for every job, then end the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+            _PICTURE_THREADS.discard(self)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:  # after a failure the sink is being dropped: skip the rest
+                    job()
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread
+                self._error = error
+            finally:
+                self._jobs.task_done()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+@atexit.register
+def _draw_pending_pictures_at_exit() -> None:
+    """A script that never closes its monitor still gets the pictures of its last probes."""
+    for pictures in list(_PICTURE_THREADS):
+        try:
+            if not pictures.wait(PICTURE_EXIT_WAIT_S):
+                logger.warning("layerwatch: gave up drawing TensorBoard pictures at exit after %.0f s", PICTURE_EXIT_WAIT_S)
+        except Exception as error:  # noqa: BLE001 - exiting anyway
+            logger.warning("layerwatch: drawing TensorBoard pictures failed at exit (%s: %s)", type(error).__name__, error)
+
+
 NO_ALERTS = (
     "No alerts so far (step {step}). layerwatch writes here when activations become non-finite, when a prompt or "
     "dataset entropy collapses, or when a layer's per-prompt prompt entropy looks bimodal."
@@ -270,6 +364,7 @@ class TensorBoardSink(Sink):
         self._errors = 0
         self._started = False
         self._alerted_before = any(record.alerts for record in history or [])
+        self._pictures = PictureThread(f"layerwatch-pictures-{self.logdir.name}")
         for record in history or []:
             self._history.add(record)
 
@@ -313,15 +408,26 @@ class TensorBoardSink(Sink):
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
         for name, value in record.scalars.items():  # one number per probe (best_layer), in the run itself
             writer.add_scalar(f"{SCALAR_PREFIX}/{name}", value, record.step)
-        for name, values in record.metrics.items():
-            matrix = self._history.matrix(name)
-            picture = images.heatmap(matrix, self._history.steps, record.layers, metric=name)
-            writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", picture, record.step, dataformats="HWC")
-            profile = images.depth_profile(np.asarray(values), record.layers, metric=name, step=record.step)
-            writer.add_image(f"{SCALAR_PREFIX}/depth_profile/{name}", profile, record.step, dataformats="HWC")
         for alert in record.alerts:
             writer.add_text(f"{SCALAR_PREFIX}/alerts", alert, record.step)
         writer.flush()
+        self._pictures.submit(self._picture_job(record))
+
+    def _picture_job(self, record: ProbeRecord) -> Callable[[], None]:
+        """Draws ``record``'s heatmaps (the history so far) and depth profiles, from copies taken now."""
+        writer, step, layers, steps = self._writer, record.step, list(record.layers), list(self._history.steps)
+        heatmaps = {name: self._history.matrix(name).copy() for name in record.metrics}
+        profiles = {name: np.array(values, dtype=np.float64) for name, values in record.metrics.items()}
+
+        def draw() -> None:
+            for name, matrix in heatmaps.items():
+                picture = images.heatmap(matrix, steps, layers, metric=name)
+                writer.add_image(f"{SCALAR_PREFIX}/heatmap/{name}", picture, step, dataformats="HWC")
+                profile = images.depth_profile(profiles[name], layers, metric=name, step=step)
+                writer.add_image(f"{SCALAR_PREFIX}/depth_profile/{name}", profile, step, dataformats="HWC")
+            writer.flush()
+
+        return draw
 
     def write_errors(self, step: int, total_errors: int) -> None:
         """The running count of failed probes, as ``layerwatch/errors``."""
@@ -330,9 +436,12 @@ class TensorBoardSink(Sink):
         self._writer.flush()
 
     def close(self) -> None:
-        writers, self._layer_writers = list(self._layer_writers.values()), {}
-        if self._writer is not None:
-            writers.append(self._writer)
-            self._writer = None
-        for writer in writers:
-            writer.close()
+        try:
+            self._pictures.close()  # the pictures still being drawn first; a drawing error is raised after closing
+        finally:
+            writers, self._layer_writers = list(self._layer_writers.values()), {}
+            if self._writer is not None:
+                writers.append(self._writer)
+                self._writer = None
+            for writer in writers:
+                writer.close()
