@@ -1,4 +1,4 @@
-"""The GPU benchmark script runs as it is: a tiny CPU smoke run, and a clean exit without CUDA."""
+"""The benchmark scripts run as they are: tiny smoke runs, and a clean exit without CUDA."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_gpu_probe_smoke_run_prints_one_row_per_model():
 def test_gpu_probe_without_cuda_exits_cleanly_with_a_message():
     result = run()
     assert result.returncode == 0 and "no CUDA device" in result.stdout
+
+
+def test_picture_cost_prints_its_table_with_the_training_thread_share():
+    script = os.path.join(REPO, "benchmarks", "picture_cost.py")
+    result = subprocess.run([sys.executable, script, "--layers", "3", "--history", "3", "--preset", "light"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.strip("|").split("|")[:2] for line in result.stdout.splitlines() if line.startswith("| "))
+    rows = {key.strip(): value.strip() for key, value in rows.items()}
+    assert rows["pictures per probe (2 per metric)"].startswith("24 = ")  # "light": 12 per-layer metrics without labels
+    for row in ("write() on the training thread, pictures drawn inline (before)",
+                "write() on the training thread, pictures on the background thread", "close() waiting for the last pictures"):
+        assert rows[row].endswith(" ms") and float(rows[row].split()[0]) >= 0
