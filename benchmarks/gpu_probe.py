@@ -23,11 +23,11 @@ Without CUDA (and without ``--smoke``) it prints why and exits with status 0.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
+
+from timing import median_seconds  # benchmarks/timing.py
 
 MIB = 2**20
 
@@ -56,17 +56,6 @@ def build_model(name: str, smoke: bool):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(call, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_bytes(call, device: torch.device) -> int:
@@ -117,12 +106,12 @@ def measure(name: str, args, device: torch.device) -> dict:
     train_step()  # warm-up: kernels, optimizer state
     model.eval()
     watch.run(model, 0)  # warm-up: solver handles, the eigenvalue path measurements
-    step = median_seconds(train_step, args.repeats, device)
+    step = median_seconds(train_step, args.repeats, lambda: synchronize(device))
     optimizer.state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    forward = median_seconds(bare_forwards, args.repeats, device)
-    probe_time = median_seconds(lambda: watch.run(model, 1), args.repeats, device)
+    forward = median_seconds(bare_forwards, args.repeats, lambda: synchronize(device))
+    probe_time = median_seconds(lambda: watch.run(model, 1), args.repeats, lambda: synchronize(device))
     extra = max(peak_bytes(lambda: watch.run(model, 2), device) - peak_bytes(bare_forwards, device), 0)
     paths = sorted((n, path) for (n, _, where), path in metrics._EIGENVALUE_PATHS.choices.items() if where != "cpu")
     return {

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from timing import median_seconds  # benchmarks/timing.py
+
 
 def records(layers: int, metrics: list[str], count: int, seed: int = 0):
     from layerwatch.record import ProbeRecord
@@ -47,16 +49,10 @@ def main() -> None:
     steps = [r.step for r in batch]
     images.heatmap(matrix, steps, batch[0].layers, metric=metrics[0])  # warm-up: fonts, caches
 
-    def median(call, repeats=5):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    heatmap = median(lambda: images.heatmap(matrix, steps, batch[0].layers, metric=metrics[0]))
-    profile = median(lambda: images.depth_profile(matrix[:, -1], batch[0].layers, metric=metrics[0], step=steps[-1]))
+    heatmap = median_seconds(lambda: images.heatmap(matrix, steps, batch[0].layers, metric=metrics[0]), 5)
+    profile = median_seconds(
+        lambda: images.depth_profile(matrix[:, -1], batch[0].layers, metric=metrics[0], step=steps[-1]), 5
+    )
 
     def write_times(inline: bool) -> tuple[float, float]:
         """Median seconds per write() on the training thread, and the seconds close() then waited."""

@@ -26,9 +26,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from timing import median_seconds  # benchmarks/timing.py
 
 MIB = 2**20
 
@@ -111,15 +112,6 @@ def measure_memory(args, what):
     return statistics.median(results)
 
 
-def median_time(call, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=6)
@@ -154,10 +146,10 @@ def main():
     model.eval()
     train_step()  # warm up
     watch.run(model, 0)
-    step_time = median_time(train_step, args.repeats)
+    step_time = median_seconds(train_step, args.repeats)
     model.eval()
-    bare_time = median_time(lambda: bare_forwards(model, probe, args.batch_size), args.repeats)
-    probe_time = median_time(lambda: watch.run(model, 1), args.repeats)
+    bare_time = median_seconds(lambda: bare_forwards(model, probe, args.batch_size), args.repeats)
+    probe_time = median_seconds(lambda: watch.run(model, 1), args.repeats)
 
     layer_bytes = args.batch_size * args.tokens * args.hidden * 4
     pooled_bytes = (args.layers + 1) * args.prompts * 3 * args.hidden * 4

@@ -14,7 +14,7 @@ import sys
 from layerwatch._version import __version__
 
 SUBCOMMANDS = {
-    "demo": ("layerwatch.demo", "train a small GPT-2 on CPU with layerwatch watching (2 to 3 minutes on 2 idle cores)"),
+    "demo": ("layerwatch.demo", "train a small GPT-2 on CPU with layerwatch watching (about 3 minutes on 2 idle cores)"),
     "trajectory": ("layerwatch.trajectory", "probe saved checkpoints and write them as one run"),
     "report": ("layerwatch.report", "draw a run as PNG pictures and an HTML page"),
 }

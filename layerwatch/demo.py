@@ -6,7 +6,7 @@ config. The run uses the real :class:`transformers.Trainer` with
 :class:`layerwatch.integrations.hf_trainer.LayerWatchCallback` and no other change, so the demo is also the
 reference for how the callback is meant to be used::
 
-    layerwatch demo                      # 2 to 3 minutes on 2 idle CPU cores, longer on a busy machine
+    layerwatch demo                      # about 3 minutes on 2 idle CPU cores, longer on a busy machine
     layerwatch demo --steps 60 --out /tmp/lw-demo
     tensorboard --logdir layerwatch-demo/layerwatch
 
@@ -205,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     parser.add_argument(
         "--steps", type=int, default=defaults.steps,
-        help=f"optimizer steps (default {defaults.steps}: 2 to 3 minutes on 2 idle CPU cores, several times longer "
+        help=f"optimizer steps (default {defaults.steps}: about 3 minutes on 2 idle CPU cores, several times longer "
         "on a busy machine)",
     )
     parser.add_argument(

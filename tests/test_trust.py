@@ -273,7 +273,7 @@ def test_a_blown_up_learning_rate_alerts_within_two_probes():
                 for r in records]
     first = next(k for k in range(len(records)) if all(at_floor[k:]))  # from here on it stays collapsed
     assert first < len(records) - 1, at_floor
-    alerted = [k for k, r in enumerate(records) if any(a.startswith(f"collapse: ") and f"layer {deepest} " in a
+    alerted = [k for k, r in enumerate(records) if any(a.startswith("collapse: ") and f"layer {deepest} " in a
                                                       for a in r.alerts)]
     assert alerted and alerted[0] <= first + 1, (alerted, at_floor)
 
