@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from layerwatch import session
-from layerwatch._compat import is_fsdp2, unwrap_model
+from layerwatch._compat import fsdp2_module_type, is_fsdp2, unwrap_model
 from layerwatch.sinks import Sink
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,9 +123,7 @@ def resolve_probe_module(accelerator: Accelerator, model: torch.nn.Module) -> to
     if kind == DistributedType.FSDP:
         inner = _strip_compile(model)
         if is_fsdp2(accelerator):
-            from torch.distributed.fsdp import FSDPModule
-
-            if not isinstance(inner, FSDPModule):
+            if not isinstance(inner, fsdp2_module_type()):
                 raise ValueError(
                     "FSDP2: pass the model returned by accelerator.prepare (a fully_shard-ed module), not "
                     f"{type(model).__name__}."

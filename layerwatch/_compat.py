@@ -1,4 +1,4 @@
-"""Version shims: the few places where the supported transformers / accelerate releases differ.
+"""Version shims: the few places where the supported torch / transformers / accelerate releases differ.
 
 pyproject.toml declares the oldest releases layerwatch supports; ``.ci/run`` runs the test suite against exactly
 those (``.ci/floor-constraints.txt``) as well as against current releases. Every difference between them that our
@@ -32,3 +32,16 @@ def is_fsdp2(accelerator: Any) -> bool:
         return bool(flag)
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     return getattr(plugin, "fsdp_version", 1) == 2
+
+
+def fsdp2_module_type() -> type | None:
+    """``FSDPModule``, the class ``fully_shard`` gives its modules: public in ``torch.distributed.fsdp`` from torch
+    2.6 on, in the private ``torch.distributed._composable.fsdp`` in 2.4 and 2.5; None where neither imports."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - a torch built without distributed
+            return None
+    return FSDPModule

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from layerwatch._compat import fsdp2_module_type
+
 logger = logging.getLogger(__name__)
 
 # Attribute names under which wrappers keep the module they wrap.
@@ -208,12 +210,11 @@ def accepts_attention_mask(model: nn.Module) -> bool:
 
 def _reshard_fsdp2(model: nn.Module) -> None:
     # A no-grad forward leaves an FSDP2 root's parameters unsharded (pytorch/pytorch#131965); reshard() is local.
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
+    fsdp2_module = fsdp2_module_type()
+    if fsdp2_module is None:  # pragma: no cover
         return
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp2_module):
             module.reshard()
 
 

@@ -2,6 +2,10 @@
 
 import torch
 import transformers
+from packaging.version import Version
+
+# fully_shard (FSDP2) needs CUDA streams before torch 2.6; from 2.6 on it also runs on a CPU mesh over gloo.
+FSDP2_ON_CPU = Version(torch.__version__.split("+")[0]) >= Version("2.6")
 
 TINY_VOCAB = 128
 KINDS = ("gpt2", "llama", "gpt_neox", "mamba", "mamba2", "bert")

@@ -25,8 +25,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from models import FSDP2_ON_CPU
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NEEDS_FSDP2_ON_CPU = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 (fully_shard) runs on a CPU from torch 2.6 on")
 REPO = os.path.dirname(HERE)
 SCRIPTS = os.path.join(HERE, "dist_scripts")
 JOB_TIMEOUT_S = 240
@@ -204,7 +206,7 @@ def test_exception_on_one_rank_skips_the_probe_on_all_ranks(accelerate_job):
 # ---------------------------------------------------------------------------------------- FSDP1, FSDP2
 
 
-@pytest.mark.parametrize("flavour", ["fsdp1", "fsdp2"])
+@pytest.mark.parametrize("flavour", ["fsdp1", pytest.param("fsdp2", marks=NEEDS_FSDP2_ON_CPU)])
 def test_fsdp_writes_one_run_and_matches_single_process(fsdp_job, flavour):
     outdir, results = fsdp_job
     logdir = os.path.join(outdir, flavour)
@@ -223,11 +225,12 @@ def test_fsdp_job_has_no_other_writers(fsdp_job):
     outdir, _ = fsdp_job
     events = glob.glob(os.path.join(outdir, "**", "events.out.tfevents.*"), recursive=True)
     runs = [os.path.relpath(os.path.dirname(path), outdir).split(os.sep) for path in events]
-    assert sorted(run[0] for run in runs if len(run) == 1) == ["fsdp1", "fsdp2"]  # one writer per run directory
+    expected = ["fsdp1", "fsdp2"] if FSDP2_ON_CPU else ["fsdp1"]
+    assert sorted(run[0] for run in runs if len(run) == 1) == expected  # one writer per run directory
     assert all(len(run) == 2 and re.fullmatch(r"layer_\d\d", run[1]) for run in runs if len(run) != 1), runs
 
 
-@pytest.mark.parametrize("flavour", ["fsdp1", "fsdp2"])
+@pytest.mark.parametrize("flavour", ["fsdp1", pytest.param("fsdp2", marks=NEEDS_FSDP2_ON_CPU)])
 def test_fsdp_training_losses_unchanged(fsdp_job, flavour):
     _, results = fsdp_job
     for rank, result in results.items():
@@ -240,6 +243,7 @@ def test_fsdp1_root_is_probed_not_the_inner_module(fsdp_job):
         assert result["fsdp1"]["rejects_inner_module"], rank
 
 
+@NEEDS_FSDP2_ON_CPU
 def test_fsdp2_parameters_are_dtensors_again_after_each_probe(fsdp_job):
     _, results = fsdp_job
     for rank, result in results.items():

@@ -6,10 +6,14 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from packaging.version import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10, the floor requires-python admits
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,13 +57,13 @@ def test_report_needs_no_extra():
 
 
 def test_ci_floor_environment_pins_the_declared_floors():
-    # .ci/run tests exactly the lowest transformers and accelerate that pyproject.toml admits.
+    # .ci/run tests exactly the lowest torch, transformers and accelerate that pyproject.toml admits.
     pins = dict(
         line.split("==") for line in (REPO / ".ci" / "floor-constraints.txt").read_text().split()
         if "==" in line and not line.startswith("#")
     )
     core = _requirements()["core"]
-    for name in ("transformers", "accelerate"):
+    for name in ("torch", "transformers", "accelerate"):
         declared = Version(_lower_bound(core, name))
         assert Version(pins[name]) == declared, f"{name}: pyproject's floor {declared} is not what CI tests"
 
