@@ -65,7 +65,8 @@ def main() -> None:
                 if inline:
                     sink._pictures.wait()  # as if drawn inside write()
                 times.append(time.perf_counter() - start)
-                time.sleep(0.05 if inline else 4 * len(metrics) * (heatmap + profile))  # training between probes
+                # training between probes: long enough for the background thread to draw a probe's pictures
+                time.sleep(0.05 if inline else 1.5 * len(metrics) * (heatmap + profile))
             start = time.perf_counter()
             sink.close()
             return statistics.median(times), time.perf_counter() - start

@@ -37,7 +37,7 @@ def test_gpu_probe_without_cuda_exits_cleanly_with_a_message():
 
 def test_picture_cost_prints_its_table_with_the_training_thread_share():
     script = os.path.join(REPO, "benchmarks", "picture_cost.py")
-    result = subprocess.run([sys.executable, script, "--layers", "3", "--history", "3", "--preset", "light"],
+    result = subprocess.run([sys.executable, script, "--layers", "3", "--history", "2", "--preset", "light"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = dict(line.strip("|").split("|")[:2] for line in result.stdout.splitlines() if line.startswith("| "))
