@@ -193,6 +193,10 @@ def keep_finished_run(logdir: Path) -> Path | None:
     return target
 
 
+def _not_writable(logdir: Path, error: OSError) -> ValueError:
+    return ValueError(f"logdir={str(logdir)!r} is not writable ({error}); pass a directory you can write to")
+
+
 def open_sinks(
     logdir: str | os.PathLike, probe: Probe, *, tensorboard: bool, jsonl: bool, resume_step: int | None
 ) -> list[Sink]:
@@ -212,9 +216,9 @@ def open_sinks(
     logdir = Path(logdir)
     try:
         logdir.mkdir(parents=True, exist_ok=True)
+        claim = WriterClaim(logdir)  # before anything in the directory is touched
     except OSError as error:
-        raise ValueError(f"logdir={str(logdir)!r} is not writable ({error}); pass a directory you can write to") from error
-    claim = WriterClaim(logdir)  # before anything in the directory is touched
+        raise _not_writable(logdir, error) from error
     sinks: list[Sink] = []
     try:
         try:
@@ -222,7 +226,7 @@ def open_sinks(
                 keep_finished_run(logdir)
             probe.save(logdir / PROBE_FILENAME)
         except OSError as error:
-            raise ValueError(f"logdir={str(logdir)!r} is not writable ({error}); pass a directory you can write to") from error
+            raise _not_writable(logdir, error) from error
         history = [r for r in read_jsonl_records(logdir / JSONL_NAME) if resume_step is None or r.step <= resume_step]
         if history and resume_step is None:
             logger.info("%s already holds %d probe records; new records are appended", logdir, len(history))

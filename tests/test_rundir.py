@@ -76,3 +76,12 @@ def test_open_sinks_writes_the_run_files_and_claims_the_directory(tmp_path):
     assert [type(s) for s in second] == [TensorBoardSink, WriterClaim]
     for sink in second:
         sink.close()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_logdir_error(tmp_path):
+    (tmp_path / "layerwatch.lock").mkdir()  # os.open(O_RDWR) of a directory fails, as on a read-only folder
+    with pytest.raises(ValueError, match=r"logdir=.* is not writable .*pass a directory you can write to"):
+        open_sinks(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+    (tmp_path / "layerwatch.lock").rmdir()
+    for sink in open_sinks(tmp_path, _probe(), tensorboard=False, jsonl=True, resume_step=None):  # the key was released
+        sink.close()
