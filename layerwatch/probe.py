@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from layerwatch.checks import (
     check_id_range,
     check_int,
 )
-from layerwatch.rundir import PROBE_FILENAME  # re-exported: the probe's file name in a run directory
+from layerwatch.rundir import PROBE_FILENAME, write_atomically  # PROBE_FILENAME re-exported
 
 __all__ = ["MIN_PROMPT_LENGTH", "PROBE_FILENAME", "PROBE_FORMAT", "PROBE_FORMAT_VERSION", "Probe", "take_rows"]
 
@@ -398,7 +397,7 @@ class Probe:
             name: tensor.detach().to("cpu", torch.int64).contiguous().clone()
             for name, tensor in self._named_tensors().items()
         }
-        _write_atomically(path, safetensors_save(tensors, metadata=self._header()))
+        write_atomically(path, safetensors_save(tensors, metadata=self._header()))
         logger.debug("layerwatch probe saved to %s", path)
         return path
 
@@ -449,23 +448,6 @@ def _probe_file(path: str | os.PathLike[str]) -> Path:
     return path / PROBE_FILENAME if path.is_dir() else path
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    """Write to a temporary file next to ``path``, then rename it into place."""
-    # Created like the run's other files (0666 less the umask), not 0600 as tempfile.mkstemp would.
-    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
 
 
 def _probe_from_file(

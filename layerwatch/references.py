@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from layerwatch.rundir import write_atomically
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_FILES = {"first": "reference_first.safetensors", "previous": "reference_previous.safetensors"}
@@ -103,16 +105,13 @@ class References:
 
     def _save(self, which: str) -> None:
         from safetensors import SafetensorError
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = self.logdir / REFERENCE_FILES[which]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"probe_hash": self.probe_hash, "step": str(self.steps[which])}
         try:
-            save_file({"pooled": self.pooled[which]}, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
+            write_atomically(path, save({"pooled": self.pooled[which]}, metadata=metadata))
         except (OSError, SafetensorError) as error:  # a full or read-only disk is not a failed probe: the comparison goes on in memory
-            tmp.unlink(missing_ok=True)
             if not self._save_failed:
                 logger.warning("layerwatch: could not write %s (%s); CKA goes on in memory, but a resumed run "
                                "will not continue it", path, error)

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -47,6 +48,26 @@ RUN_FILE_PATTERNS = (JSONL_NAME, PROBE_FILENAME, "events.out.tfevents.*", "layer
 
 _LIVE_WRITER_DIRS: set[str] = set()  # this process's claims (a clear message, and no flock needed between threads)
 _LIVE_WRITER_LOCK = threading.Lock()
+
+
+def write_atomically(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file next to ``path``, flushed to disk, then rename it into place: readers
+    and a crash see the old file or the new one, never a part. The run directory's files are written this way."""
+    # Created like the run's other files (0666 less the umask), not 0600 as tempfile.mkstemp would.
+    tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -181,10 +181,10 @@ class JsonlSink(Sink):
         lines = [line for line in text.splitlines() if line.strip()]
         if len(kept) == len(lines) and text.endswith("\n"):
             return
-        # Rewrite atomically: the old file stays intact until the new one is complete.
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r.to_json() + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        from layerwatch.rundir import write_atomically  # (rundir imports this module)
+
+        # The old file stays intact until the new one is complete and on disk.
+        write_atomically(self.path, "".join(r.to_json() + "\n" for r in kept).encode("utf-8"))
         if len(kept) < len(records):
             logger.info("%s: dropped %d records after resume step %s", self.path, len(records) - len(kept), resume_step)
 
