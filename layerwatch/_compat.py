@@ -7,6 +7,7 @@ code meets is bridged here and nowhere else, so the floors can be raised later b
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -34,6 +35,7 @@ def is_fsdp2(accelerator: Any) -> bool:
     return getattr(plugin, "fsdp_version", 1) == 2
 
 
+@functools.cache  # looked up after every probe (FSDP2 resharding)
 def fsdp2_module_type() -> type | None:
     """``FSDPModule``, the class ``fully_shard`` gives its modules: public in ``torch.distributed.fsdp`` from torch
     2.6 on, in the private ``torch.distributed._composable.fsdp`` in 2.4 and 2.5; None where neither imports."""

@@ -366,7 +366,7 @@ class LayerWatch:
         blocks = facts.blocks(self.layers)
         self._validate(model, facts)
         collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
-        local_error = self._forward(model, facts, collector)
+        local_error = self._forward(model, facts, blocks, collector)
         collector.reduce_across_ranks(local_error)
         inputs = collector.set_inputs(self.seed)
         inputs.labels, inputs.probe_seed = self.probe.labels, self.probe.seed
@@ -382,12 +382,14 @@ class LayerWatch:
         record.scalars, record.alerts = scalars, notes + record.alerts
         return record
 
-    def _forward(self, model: nn.Module, facts: ModelFacts, collector: Collector) -> BaseException | None:
+    def _forward(
+        self, model: nn.Module, facts: ModelFacts, blocks: Sequence[nn.Module], collector: Collector
+    ) -> BaseException | None:
         """Every micro-batch through ``model``, the hooks feeding ``collector``; the first error, if any."""
         device = self.device or model_device(model)
         options, pass_mask = facts.forward_options, facts.accepts_attention_mask
         local_error: BaseException | None = None
-        with isolated(model), LayerHooks(facts.blocks(self.layers), collector.on_layer) as hooks:
+        with isolated(model), LayerHooks(blocks, collector.on_layer) as hooks:
             for inputs in collector.micro_batches(self.batch_size, device, options, pass_mask):
                 try:
                     model(**inputs)
