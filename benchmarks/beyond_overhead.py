@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--presets", default="light", help="comma-separated presets to measure (default light)")
     args = parser.parse_args()
     args.layers, args.hidden, args.prompts, args.tokens = (2, 64, 16, 32) if args.quick else (6, 512, 64, 128)
-    from layerwatch import registry
+    from layerwatch.metrics import registry
 
     torch.set_num_threads(1)
     model, probe, labelled = build(args)
@@ -95,7 +95,7 @@ def main():
 def component_seconds(args, repeats=20):
     """The added computation alone, per probe: what the hooks and the set-level step do for each group."""
     from layerwatch import metrics as M
-    from layerwatch.references import References
+    from layerwatch.monitor.references import References
 
     layers, prompts, tokens, width = args.layers + 1, args.prompts, args.tokens, args.hidden
     generator = torch.Generator().manual_seed(0)

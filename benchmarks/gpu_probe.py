@@ -73,8 +73,8 @@ def peak_bytes(call, device: torch.device) -> int:
 
 def measure(name: str, args, device: torch.device) -> dict:
     import layerwatch
-    from layerwatch import metrics
-    from layerwatch.model_facts import model_facts
+    from layerwatch.metrics import base as metrics_base
+    from layerwatch.monitor.model_facts import model_facts
 
     model = build_model(name, args.smoke).to(device=device, dtype=torch.bfloat16)
     vocab = model.config.vocab_size
@@ -113,7 +113,7 @@ def measure(name: str, args, device: torch.device) -> dict:
     forward = median_seconds(bare_forwards, args.repeats, lambda: synchronize(device))
     probe_time = median_seconds(lambda: watch.run(model, 1), args.repeats, lambda: synchronize(device))
     extra = max(peak_bytes(lambda: watch.run(model, 2), device) - peak_bytes(bare_forwards, device), 0)
-    paths = sorted((n, path) for (n, _, where), path in metrics._EIGENVALUE_PATHS.choices.items() if where != "cpu")
+    paths = sorted((n, path) for (n, _, where), path in metrics_base._EIGENVALUE_PATHS.choices.items() if where != "cpu")
     return {
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),

@@ -41,6 +41,7 @@ import scipy.stats
 import torch
 
 from layerwatch import metrics
+from layerwatch.metrics import sets as metrics_sets
 
 RTOL = 1e-12
 ZERO_ROW_RTOL = 1e-10
@@ -292,7 +293,7 @@ def cases(args, ragged: bool, dtype: torch.dtype):
     pooled = metrics.mean_pool(hidden, mask)
     pooled_views = [metrics.mean_pool(h, m) for h, m in view_hidden]
     views = torch.stack(pooled_views, dim=-2)  # [L, M, 2, D]
-    perms = metrics._dime_permutations(B, 10, torch.Generator().manual_seed(0))
+    perms = metrics_sets._dime_permutations(B, 10, torch.Generator().manual_seed(0))
     entropy_fast = metrics.prompt_entropy(hidden, mask)
     valid = mask.sum(1)
     print(f"  {'ragged' if ragged else 'full-length'} prompts ({int(valid.min())}-{int(valid.max())} tokens), {dtype}")

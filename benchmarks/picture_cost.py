@@ -4,8 +4,8 @@
     python benchmarks/picture_cost.py --layers 33 --history 100
 
 Prints one table: the time to draw one heatmap and one depth profile (matplotlib, Agg), the drawing per probe (two
-pictures per metric), and the time ``TensorBoardSink.write`` keeps the training thread, with the pictures drawn on
-the sink's background thread as layerwatch does (median over the probes) and drawn inline for comparison (what
+pictures per metric), and the time ``TensorBoardWriter.write`` keeps the training thread, with the pictures drawn on
+the writer's background thread as layerwatch does (median over the probes) and drawn inline for comparison (what
 layerwatch did before). Records are synthetic (random values); drawing time does not depend on the values.
 """
 
@@ -22,7 +22,7 @@ from timing import median_seconds  # benchmarks/timing.py
 
 
 def records(layers: int, metrics: list[str], count: int, seed: int = 0):
-    from layerwatch.record import ProbeRecord
+    from layerwatch.rundir.record import ProbeRecord
 
     rng = np.random.default_rng(seed)
     return [
@@ -39,8 +39,10 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=20, help="probes written (the heatmaps grow with them)")
     args = parser.parse_args()
 
-    from layerwatch import images, registry
-    from layerwatch.sinks import TensorBoardSink
+    from layerwatch.rundir import images
+
+    from layerwatch.metrics import registry
+    from layerwatch.rundir.writers import TensorBoardWriter
 
     # the per-layer metrics a run of that preset records without labels (the demo's 16 for "standard")
     metrics = [m for m in registry.preset(args.preset) if not registry.spec(m).scalar and "labels" not in registry.spec(m).needs]
@@ -57,18 +59,18 @@ def main() -> None:
     def write_times(inline: bool) -> tuple[float, float]:
         """Median seconds per write() on the training thread, and the seconds close() then waited."""
         with tempfile.TemporaryDirectory() as logdir:
-            sink = TensorBoardSink(logdir)
+            writer = TensorBoardWriter(logdir)
             times = []
             for record in batch:
                 start = time.perf_counter()
-                sink.write(record)
+                writer.write(record)
                 if inline:
-                    sink._pictures.wait()  # as if drawn inside write()
+                    writer._pictures.wait()  # as if drawn inside write()
                 times.append(time.perf_counter() - start)
                 # training between probes: long enough for the background thread to draw a probe's pictures
                 time.sleep(0.05 if inline else 1.5 * len(metrics) * (heatmap + profile))
             start = time.perf_counter()
-            sink.close()
+            writer.close()
             return statistics.median(times), time.perf_counter() - start
 
     inline, _ = write_times(inline=True)

@@ -12,7 +12,7 @@ is the CPU time of that process (median of ``--repeats``), which a busy shared m
 time; on ``n`` idle cores the metrics spread their Gram blocks and eigenvalues and take up to ``n`` times less
 wall time. The memory is the rise of the peak resident set over the inputs (VmHWM reset through
 /proc/self/clear_refs, glibc's mmap threshold fixed so that the peak follows the live tensors). The "estimate"
-column is :func:`layerwatch.cost.estimate_probe_cost` for the same shape on one core.
+column is :func:`layerwatch.monitor.cost.estimate_probe_cost` for the same shape on one core.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child), args.repeats)))
         return 0
-    from layerwatch.cost import estimate_probe_cost
+    from layerwatch.monitor.cost import estimate_probe_cost
 
     rows = QUICK_ROWS if args.quick else ROWS
     print(f"metrics of one probe, 'standard' preset, float32 states, micro-batches of {BATCH}; torch {torch.__version__}, "

@@ -50,7 +50,7 @@ def row(values):
 
 
 def shakespeare_probe(num_prompts=32, max_length=128):
-    from layerwatch.demo import load_corpus, train_tokenizer
+    from layerwatch.cli.demo import load_corpus, train_tokenizer
 
     text = load_corpus()
     tokenizer = train_tokenizer(text, 2048)
@@ -207,7 +207,7 @@ def sweeps(args):
 def demo(args):
     import transformers
 
-    from layerwatch.trajectory import discover_checkpoints, run_trajectory, summary_table
+    from layerwatch.analysis.trajectory import discover_checkpoints, run_trajectory, summary_table
 
     root = Path(args.demo)
     probe = Probe.load(root / "layerwatch" / "probe.safetensors")

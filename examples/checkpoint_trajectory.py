@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from layerwatch import Probe
-from layerwatch.report import make_report
-from layerwatch.trajectory import discover_checkpoints, load_tokenizer, read_texts, run_trajectory, summary_table
+from layerwatch.analysis.report import make_report
+from layerwatch.analysis.trajectory import discover_checkpoints, load_tokenizer, read_texts, run_trajectory, summary_table
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ import os
 from transformers import DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import layerwatch
-from layerwatch.demo import load_corpus, train_tokenizer
+from layerwatch.cli.demo import load_corpus, train_tokenizer
 from layerwatch.integrations.hf_trainer import LayerWatchCallback
 
 BLOCK = 64  # tokens per training sequence

@@ -58,7 +58,7 @@ also probes the final weights when the last step was not on the schedule. To res
 Only data parallelism (DDP, FSDP1, FSDP2, DeepSpeed ZeRO) is supported; tensor, context or sequence parallelism
 is refused at construction, and so are a model whose blocks are not found or that cannot take the probe.
 
-The policy (probe forms, default logdir, resume point, final probe, option checks) is :mod:`layerwatch.session`'s,
+The policy (probe forms, default logdir, resume point, final probe, option checks) is :mod:`layerwatch.monitor.session`'s,
 shared with the Trainer callback; this module translates the loop's calls and Accelerate's checkpointing.
 """
 
@@ -70,16 +70,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from layerwatch import session
+from layerwatch.monitor import session
 from layerwatch._compat import fsdp2_module_type, is_fsdp2, unwrap_model
-from layerwatch.sinks import Sink
+from layerwatch.rundir.writers import Writer
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
     from layerwatch.monitor import LayerWatch, ProbeRecord
 
-__all__ = ["LayerWatchAccelerate", "AcceleratorTrackersSink", "resolve_probe_module", "default_logdir"]
+__all__ = ["LayerWatchAccelerate", "AcceleratorTrackersWriter", "resolve_probe_module", "default_logdir"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def default_logdir(accelerator: Accelerator) -> str:
     return session.default_logdir(accelerator.logging_dir or accelerator.project_dir)
 
 
-class AcceleratorTrackersSink(Sink):
-    """A layerwatch sink that forwards each record's flat scalars to ``accelerator.log`` (main process only).
+class AcceleratorTrackersWriter(Writer):
+    """A layerwatch writer that forwards each record's flat scalars to ``accelerator.log`` (main process only).
 
     Flat keys (``layerwatch/<metric>/layer_<NN>``) keep TensorBoard from making one sub-run per key, which it
     does for nested dicts. Non-finite values are logged as they are (trackers accept NaN).
@@ -183,7 +183,7 @@ class LayerWatchAccelerate:
         register_for_checkpointing: call ``accelerator.register_for_checkpointing(self)`` so that
             ``save_state``/``load_state`` keep the step counter and schedule.
         **watch_kwargs: passed to ``layerwatch.LayerWatch`` (``metrics``, ``layers``, ``batch_size``, ``alpha``,
-            ``strict``, ``probe_at_start``, ``log_spaced_start``, ``max_overhead``, ``sinks``, ...).
+            ``strict``, ``probe_at_start``, ``log_spaced_start``, ``max_overhead``, ``writers``, ...).
 
     The underlying ``LayerWatch`` is created at the first :meth:`step`/:meth:`run` (or :attr:`monitor` access), i.e.
     after ``init_trackers`` and ``load_state`` have run, so that the logging route and the resume point are known.
@@ -237,7 +237,7 @@ class LayerWatchAccelerate:
 
     def _resume_point(self, first_step: int | None) -> int:
         """The monitor's ``resume_step``: from an explicit ``resume_step=``, else the step ``load_state`` restored,
-        else the first step (:func:`layerwatch.session.resume_point`)."""
+        else the first step (:func:`layerwatch.monitor.session.resume_point`)."""
         restored = self._explicit_resume_step if self._explicit_resume_step is not None else self._resumed_step
         return session.resume_point(restored, first_step)
 
@@ -251,9 +251,9 @@ class LayerWatchAccelerate:
             raise RuntimeError("this LayerWatchAccelerate was closed")
         use_trackers = self._uses_trackers()
         tensorboard = (not use_trackers) if self.tensorboard is None else bool(self.tensorboard)
-        sinks = list(self._watch_kwargs.pop("sinks", None) or [])
+        writers = list(self._watch_kwargs.pop("writers", None) or [])
         if use_trackers:
-            sinks.append(AcceleratorTrackersSink(self.accelerator))
+            writers.append(AcceleratorTrackersWriter(self.accelerator))
         if self.accelerator.is_main_process:
             logger.info(
                 "layerwatch: probing %s every %d optimizer steps; logging to %s%s",
@@ -267,7 +267,7 @@ class LayerWatchAccelerate:
             logdir=self.logdir,
             every=self.every,
             tensorboard=tensorboard,
-            sinks=sinks,
+            writers=writers,
             resume_step=resume_step,
             **self._watch_kwargs,
         )

@@ -17,7 +17,7 @@ What the callback does, event by event:
   ``<logdir>.previous-<time>`` (never deleted; a warning says where); a folder another process is still writing
   is refused.
   On world process zero, when ``args.report_to`` names ``wandb`` or ``mlflow`` and that tracker has an active run
-  (the Trainer's own callbacks start it), the scalars go there too, on the global step (:mod:`layerwatch.trackers`).
+  (the Trainer's own callbacks start it), the scalars go there too, on the global step (:mod:`layerwatch.rundir.trackers`).
 - ``on_step_end`` (every rank): when the schedule says so, probes ``kwargs["model"]`` at step ``state.global_step``:
   the object the Trainer's own evaluation calls (the unwrapped model under DDP, the FSDP root, ``engine.module``
   under DeepSpeed), on every rank, because sharded models need every rank in every forward. Only world process zero
@@ -41,7 +41,7 @@ else their text column with the tokenizer. The training dataloader is never iter
 sampler and, under Accelerate, broadcast RNG state, changing the training run.
 
 The policy (probe forms, default logdir, resume point, final probe, option checks) lives in
-:mod:`layerwatch.session`, shared with the Accelerate integration; this module translates the Trainer's events, and
+:mod:`layerwatch.monitor.session`, shared with the Accelerate integration; this module translates the Trainer's events, and
 :func:`find_dataset` finds the Trainer's datasets, which the events do not carry.
 """
 
@@ -56,12 +56,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from layerwatch import session
+from layerwatch.monitor import session
 from layerwatch.checks import check_int
 from layerwatch.monitor import all_ranks_max
-from layerwatch.registry import resolve_metrics
-from layerwatch.rundir import PROBE_FILENAME
-from layerwatch.trackers import tracker_sinks
+from layerwatch.metrics.registry import resolve_metrics
+from layerwatch.rundir.files import PROBE_FILENAME
+from layerwatch.rundir.trackers import tracker_writers
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ class LayerWatchCallback(TrainerCallback):
             model has fewer positions than the longest augmented view would need (views are up to ~30% longer).
         text_column: the text column of a dataset that has no ``input_ids``.
         **watch_options: any other :class:`layerwatch.LayerWatch` option (``alpha``, ``max_overhead``,
-            ``probe_at_start``, ``tensorboard``, ``jsonl``, ``sinks``, ``collapse_threshold``, ``seed``, ...).
+            ``probe_at_start``, ``tensorboard``, ``jsonl``, ``writers``, ``collapse_threshold``, ``seed``, ...).
 
     Raises:
         ValueError: a bad ``every``, ``metrics``, ``batch_size``, ``num_prompts``, ``max_length``, ``alpha`` or
-            ``max_overhead`` (checked by :func:`layerwatch.session.check_watch_options`, with the monitor's checks).
+            ``max_overhead`` (checked by :func:`layerwatch.monitor.session.check_watch_options`, with the monitor's checks).
         TypeError: an option :class:`layerwatch.LayerWatch` does not have, or a ``probe`` of an unusable type.
 
     At ``on_train_begin`` (on every rank alike, before the first step) a ``ValueError`` says so when no probe can be
@@ -163,12 +163,12 @@ class LayerWatchCallback(TrainerCallback):
             session.check_model(model, probe, self.watch_options.get("layers"))
         options = dict(self.watch_options)
         # Resuming keeps the records up to the checkpoint's step; a run from step 0 is a fresh run (resume_step=-1):
-        # a finished run in the same folder moves to <logdir>.previous-<time> (layerwatch.rundir), never deleted,
+        # a finished run in the same folder moves to <logdir>.previous-<time> (layerwatch.rundir.claim), never deleted,
         # and a live writer there refuses it.
         if not is_main:  # guard the output, never the collective: the other ranks probe too but write nothing
-            options["sinks"] = None
-        else:  # follow report_to: W&B / MLflow runs the Trainer started get the scalars too (layerwatch.trackers)
-            options["sinks"] = [*(options.get("sinks") or []), *tracker_sinks(getattr(args, "report_to", None))]
+            options["writers"] = None
+        else:  # follow report_to: W&B / MLflow runs the Trainer started get the scalars too (layerwatch.rundir.trackers)
+            options["writers"] = [*(options.get("writers") or []), *tracker_writers(getattr(args, "report_to", None))]
         self.watch = LayerWatch(
             probe,
             logdir=str(logdir) if is_main else None,

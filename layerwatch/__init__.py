@@ -29,6 +29,10 @@ if not os.path.isdir(os.path.join(__path__[0], "integrations")) and os.path.isfi
 ):
     __path__.append(_source_root)
 
+from layerwatch import _moved
+
+_moved.install()
+
 __all__ = ["LayerWatch", "Probe", "ProbeRecord", "read_run", "Run", "metrics", "__version__"]
 
 # Public names are imported lazily so that `import layerwatch` stays cheap (the CLI starts fast) and
@@ -37,14 +41,14 @@ _LAZY = {
     "LayerWatch": "layerwatch.monitor",
     "ProbeRecord": "layerwatch.monitor",
     "Probe": "layerwatch.probe",
-    "read_run": "layerwatch.runs",
-    "Run": "layerwatch.runs",
+    "read_run": "layerwatch.rundir.runs",
+    "Run": "layerwatch.rundir.runs",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from layerwatch.monitor import LayerWatch, ProbeRecord
     from layerwatch.probe import Probe
-    from layerwatch.runs import Run, read_run
+    from layerwatch.rundir.runs import Run, read_run
 
 
 def __getattr__(name: str) -> Any:

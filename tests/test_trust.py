@@ -142,7 +142,7 @@ def _collapse_alerts(records):
 
 
 def test_collapse_rule_floor_for_consecutive_probes_not_a_relative_drop():
-    from layerwatch.alerts import AlertTracker
+    from layerwatch.monitor.alerts import AlertTracker
 
     tracker = AlertTracker()
     healthy = {"dataset_entropy": [0.9, 0.8], "effective_rank": [40.0, 30.0], "nonfinite": [0.0, 0.0]}
@@ -223,12 +223,12 @@ def test_a_massive_activation_on_the_first_token_does_not_alarm():
     direction = torch.randn(64)
     direction /= direction.norm()
 
-    def add_sink(h):
+    def add_writer(h):
         h = h.clone()
         h[:, 0] += 1000 * h.norm(dim=-1).median() * direction
         return h
 
-    hooks = [_replace_block_output(block, add_sink) for block in model.model.layers[1:]]
+    hooks = [_replace_block_output(block, add_writer) for block in model.model.layers[1:]]
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, TINY_VOCAB, (24, 20), generator=generator)
     ids[:, 0] = 1  # the same first token, like a BOS
@@ -312,8 +312,8 @@ def _write_run(logdir, *, layers, steps, jsonl=True, tensorboard=True):
 
 @pytest.mark.parametrize("kind", ["jsonl", "tensorboard-only"])
 def test_a_folder_with_several_runs_is_never_merged(tmp_path, kind, capsys):
-    from layerwatch import report
-    from layerwatch.runs import SeveralRunsError, find_runs
+    from layerwatch.analysis import report
+    from layerwatch.rundir.runs import SeveralRunsError, find_runs
 
     jsonl = kind == "jsonl"
     live = _write_run(tmp_path / "out" / "layerwatch", layers=3, steps=[1, 2, 4], jsonl=jsonl)
@@ -369,7 +369,7 @@ def test_resume_works_for_every_preset_with_the_trainer_and_trajectory(tmp_path,
     """The probe a run saves may hold more views than the one the user passes (16 for "paper"): the series is the
     prompts and the views the preset uses, so resuming (Trainer) and continuing (trajectory) work, silently."""
     from layerwatch.integrations.hf_trainer import LayerWatchCallback
-    from layerwatch.trajectory import TrajectoryError, run_trajectory
+    from layerwatch.analysis.trajectory import TrajectoryError, run_trajectory
 
     probe = make_probe(views=2)  # what Probe.from_texts gives by default
     out = tmp_path / "out"
@@ -493,8 +493,8 @@ def test_a_fresh_run_over_a_finished_run_keeps_it_under_a_clear_name(tmp_path, c
 # ------------------------------------------------------------------------------------------------------ disk faults
 
 
-class _BrokenDisk(layerwatch.sinks.Sink):
-    """A sink whose disk went bad: every write raises the OSError of a full (ENOSPC) or read-only (EROFS) disk."""
+class _BrokenDisk(layerwatch.rundir.writers.Writer):
+    """A writer whose disk went bad: every write raises the OSError of a full (ENOSPC) or read-only (EROFS) disk."""
 
     def __init__(self, code=None):
         import errno
@@ -510,21 +510,21 @@ class _BrokenDisk(layerwatch.sinks.Sink):
 
 
 @pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
-def test_a_failing_sink_is_counted_apart_from_probe_failures_and_never_raises(tmp_path, caplog, code):
+def test_a_failing_writer_is_counted_apart_from_probe_failures_and_never_raises(tmp_path, caplog, code):
     import errno
 
     model = tiny_model("gpt2")
     broken = _BrokenDisk(getattr(errno, code))
-    watch = LayerWatch(make_probe(), logdir=tmp_path / "run", metrics="light", sinks=[broken], every=1)
+    watch = LayerWatch(make_probe(), logdir=tmp_path / "run", metrics="light", writers=[broken], every=1)
     with caplog.at_level(logging.WARNING, logger="layerwatch"):
         records = [watch.step(model, step) for step in (1, 2, 3)]
     watch.close()
     assert all(r is not None for r in records)  # the probes computed fine: not failed probes
-    assert watch.error_count == 0 and watch.sink_error_count == 1 and broken.closed
-    warnings = [r.getMessage() for r in caplog.records if "sink" in r.getMessage()]
+    assert watch.error_count == 0 and watch.writer_error_count == 1 and broken.closed
+    warnings = [r.getMessage() for r in caplog.records if "writer" in r.getMessage()]
     assert len(warnings) == 1 and "_BrokenDisk" in warnings[0] and os.strerror(broken.code) in warnings[0]
-    assert layerwatch.read_run(tmp_path / "run").steps.tolist() == [1, 2, 3]  # the other sinks kept writing
-    strict = LayerWatch(make_probe(), logdir=None, metrics="light", sinks=[_BrokenDisk(broken.code)], strict=True)
+    assert layerwatch.read_run(tmp_path / "run").steps.tolist() == [1, 2, 3]  # the other writers kept writing
+    strict = LayerWatch(make_probe(), logdir=None, metrics="light", writers=[_BrokenDisk(broken.code)], strict=True)
     with pytest.raises(OSError, match=os.strerror(broken.code)):
         strict.run(model, 1)
 
@@ -583,7 +583,7 @@ def test_a_full_logdir_mid_run_never_reaches_trainer_train(tmp_path, caplog):
             trainer.train()  # must not raise
         assert trainer.state.global_step == 8
         messages = [r.getMessage() for r in caplog.records]
-        assert any("sink" in m and "No space left" in m for m in messages), messages
+        assert any("writer" in m and "No space left" in m for m in messages), messages
         assert not any("probe at step" in m and "failed" in m for m in messages)  # no probe counted as failed
         steps = layerwatch.read_run(disk / "run").steps.tolist()
         assert steps[:2] == [1, 2]  # what was written before the fault is intact
@@ -598,7 +598,7 @@ def test_the_demo_never_replaces_an_output_that_is_still_being_written(tmp_path)
     import subprocess
     import sys
 
-    from layerwatch.demo import MARKER_FILE
+    from layerwatch.cli.demo import MARKER_FILE
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -615,8 +615,8 @@ def test_the_demo_never_replaces_an_output_that_is_still_being_written(tmp_path)
         child.wait()
 
 
-def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
-    """The disk fills up under an open monitor: its JSONL and TensorBoard sinks die, and with them its claim on the
+def test_when_the_run_directory_writers_die_the_directory_is_released(tmp_path):
+    """The disk fills up under an open monitor: its JSONL and TensorBoard writers die, and with them its claim on the
     directory, so (space freed) a new monitor can take the directory in the same process."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "32m"):
@@ -628,7 +628,7 @@ def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
         _fill(disk / "filler")
         for step in range(2, 6):
             assert watch.run(model, step) is not None  # the probes still compute
-        assert watch.error_count == 0 and watch.sink_error_count >= 2
+        assert watch.error_count == 0 and watch.writer_error_count >= 2
         assert not (disk / "run" / "layerwatch.lock").exists()
         (disk / "filler").unlink()
         LayerWatch(make_probe(), logdir=disk / "run", metrics="light").close()  # not refused: the claim is gone
@@ -638,7 +638,7 @@ def test_when_the_run_directory_sinks_die_the_directory_is_released(tmp_path):
 
 
 def test_crafted_jsonl_lines_are_skipped_not_a_traceback(tmp_path, capsys):
-    from layerwatch import report
+    from layerwatch.analysis import report
 
     run_dir = tmp_path / "run"
     with LayerWatch(make_probe(), logdir=run_dir, metrics="light") as watch:

@@ -1,0 +1,5 @@
+import sys
+
+from layerwatch.cli.main import main
+
+sys.exit(main())
