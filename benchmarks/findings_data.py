@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["make_dataset", "TASKS"]
+__all__ = ["TASKS", "make_dataset"]
 
 TASKS = ("sentiment", "negation")
 

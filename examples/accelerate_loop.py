@@ -1,10 +1,11 @@
 """A complete Hugging Face Accelerate training loop with layerwatch: one line in the loop.
 
-Trains a tiny byte-level Llama on the Shakespeare text that ships with layerwatch, on CPU, in about a minute, and
+Trains a tiny byte-level Llama on the Shakespeare text that ships with layerwatch, on CPU, in a few minutes, and
 probes every layer every ``--every`` optimizer steps::
 
     python examples/accelerate_loop.py --out runs/accelerate-example --steps 100
-    tensorboard --logdir runs/accelerate-example          # layerwatch/<metric>/layer_NN next to train/loss
+    tensorboard --logdir runs/accelerate-example          # train/loss, flat layerwatch/<metric>/layer_NN, and
+                                                          # layerwatch's own run in runs/accelerate-example/layerwatch
 
 Multi-process works unchanged: every process calls ``watch.step()``, only the main process writes::
 
@@ -73,7 +74,8 @@ def main() -> None:
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    # Add tensorboard=True for layerwatch's own TensorBoard run in <out>/layerwatch as well (histograms, heatmaps).
+    # layerwatch's own TensorBoard run (per-layer runs, heatmaps, histograms, alerts) goes to <out>/layerwatch
+    # beside the tracker's flat charts; tensorboard=False leaves it out.
     watch = LayerWatchAccelerate(accelerator, model, probe, every=args.every, batch_size=16)  # <- layerwatch
 
     completed = 0

@@ -2,11 +2,11 @@
 
 Generates labelled sentences ("the fox chased the mouse" / "the mouse chased the fox": is the chaser a predator?),
 where both classes use the same words, so the class lives in the word order and no bag of tokens can decode it.
-Trains a tiny byte-level GPT-2 with a classification head on CPU (about a minute) and probes every layer every
+Trains a tiny byte-level GPT-2 with a classification head on CPU (a few minutes) and probes every layer every
 ``--every`` steps with a probe that carries the labels::
 
     python examples/labeled_probe.py --out runs/labeled-probe --steps 300
-    tensorboard --logdir runs/labeled-probe      # layerwatch/best_layer and layerwatch/probe_accuracy/layer_NN
+    tensorboard --logdir runs/labeled-probe      # layerwatch/best_layer; layerwatch/probe_accuracy, a run per layer
     layerwatch report runs/labeled-probe          # the best layer is starred on the probe_accuracy pictures
 
 The embeddings (layer 0, a bag of bytes) stay near chance (0.5) throughout. At initialisation the deepest layer

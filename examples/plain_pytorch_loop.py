@@ -4,7 +4,7 @@
     tensorboard --logdir runs/plain
 
 The model is a tiny GPT-2 built from a config and trained on a synthetic "language" (a noisy periodic sequence),
-so the script needs no download and finishes in about a minute on a CPU.
+so the script needs no download and finishes in a few minutes on a CPU.
 """
 
 import argparse

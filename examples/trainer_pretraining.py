@@ -1,4 +1,4 @@
-"""Pretrain a tiny GPT-2 with the Hugging Face Trainer while layerwatch watches every layer (about a minute on CPU).
+"""Pretrain a tiny GPT-2 with the Hugging Face Trainer while layerwatch watches every layer (a few minutes on CPU).
 
     python examples/trainer_pretraining.py --out runs/trainer-example --steps 200
     tensorboard --logdir runs/trainer-example/layerwatch

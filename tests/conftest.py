@@ -39,3 +39,6 @@ def trainer_can_resume(monkeypatch):
 
     if Version(transformers.__version__) < Version("4.51") and Version(torch.__version__) >= Version("2.6"):
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+# The torchrun workers are scripts, not test modules (and import lightning or deepspeed where those are optional).
+collect_ignore = ["dist_scripts"]

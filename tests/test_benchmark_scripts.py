@@ -11,6 +11,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU_PROBE = os.path.join(REPO, "benchmarks", "gpu_probe.py")
+pytestmark = pytest.mark.slow  # subprocesses running whole scripts
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -46,3 +47,26 @@ def test_picture_cost_prints_its_table_with_the_training_thread_share():
     for row in ("write() on the training thread, pictures drawn inline (before)",
                 "write() on the training thread, pictures on the background thread", "close() waiting for the last pictures"):
         assert rows[row].endswith(" ms") and float(rows[row].split()[0]) >= 0
+
+
+def test_overhead_prints_a_measured_and_a_predicted_slowdown_per_cell():
+    script = os.path.join(REPO, "benchmarks", "overhead.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--layers", "2", "--prompts", "8", "--threads", "1"],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["light"], ["standard"], ["paper"])]
+    assert [(r[0], int(r[1])) for r in rows] == [(p, e) for e in (1, 10) for p in ("light", "standard", "paper")]
+    for row in rows:
+        probes, measured, predicted = int(row[3]), float(row[6].rstrip("%")), float(row[7].rstrip("%"))
+        assert probes >= 2 and predicted > 0 and measured > -50  # a probe every step costs something
+    assert "cost model within 30% of the measurement in" in result.stdout
+
+
+def test_findings_smoke_run_prints_every_finding():
+    script = os.path.join(REPO, "benchmarks", "findings.py")
+    result = subprocess.run([sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for finding in ("(a) ordering random > natural > repeated", "(b) sentiment probe peaks at layer", "(c) massive",
+                    "(d) SE of natural prompt entropy"):
+        assert f"SUMMARY {finding}" in result.stdout, finding

@@ -1,12 +1,17 @@
 """Runs side by side: ``layerwatch report RUN_A RUN_B [...]`` writes one self-contained HTML page.
 
-For every metric the runs share, the page shows
+The page opens with the runs, any warnings, and a table of the per-layer differences that exceed the runs'
+combined uncertainty; then, for every metric the runs share:
 
 - the runs' layer x step heatmaps next to each other on one colour scale (one colour bar for all);
-- the depth profiles of all runs overlaid at matching steps (the first, middle and last step the runs have in common);
+- the depth profiles of all runs overlaid at matching steps (the first, middle and last step the runs have in common),
+  with bands of +-2 standard errors where the runs recorded them; a run without values at a step is named in the
+  panel with the reason;
 - per-layer difference curves: each run minus the first run (the reference), over the common steps, one line per
-  layer coloured by depth;
-- a table of the values at the last common step and their differences.
+  layer coloured by depth; a big dot marks |delta| > 2 sqrt(se_a^2 + se_b^2) (:func:`difference`);
+- a table of the values at the last common step and their differences (beyond the uncertainty: a red cell).
+
+It ends with the runs' settings side by side, the differing ones highlighted.
 
 Numbers are only comparable when the runs probed the same prompts with the same settings. Runs whose probes differ
 (the ``probe_hash`` every record carries, else the hash in ``probe.safetensors``) are refused unless
@@ -16,11 +21,8 @@ views, temperatures) and differing layer counts are flagged at the top of the pa
 
 from __future__ import annotations
 
-import base64
-import datetime
-import html
-import io
 import logging
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from layerwatch.analysis import html as page
+from layerwatch.analysis.html import (
+    STDERR_BAND,
+    ReportError,
+    ordered_metrics,
+    profile_steps,
+    read_one_run,
+    stderr_of,
+)
+from layerwatch.metrics import names, registry
 from layerwatch.rundir import images
 
-from layerwatch.metrics import registry
-from layerwatch.analysis.report import _CSS, ReportError, _cell, _read, ordered_metrics, profile_steps
-
 if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from layerwatch.rundir.runs import Run
@@ -45,8 +55,7 @@ COMPARISON_NAME = "layerwatch-comparison.html"
 COMPARED_SETTINGS = (
     "alpha", "views", "num_prompts", "infonce_temperature", "lidar_delta", "dime_permutations",
 )
-_RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-_STEP_STYLES = ("-", "--", ":")
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
 @dataclass
@@ -89,7 +98,7 @@ def probe_identity(run: "Run") -> str | None:
     return None
 
 
-def _settings(run: "Run") -> dict[str, Any]:
+def run_settings(run: "Run") -> dict[str, Any]:
     return dict(getattr(run.records[-1], "settings", {}) or {}) if run.records else {}
 
 
@@ -110,7 +119,7 @@ def check_comparable(runs: Sequence["Run"], labels: Sequence[str], *, allow_diff
         warnings.append("DIFFERENT PROBES: " + message.split(". Probe them")[0] + ".")
     elif any(h is None for h in hashes):
         warnings.append(f"The probe of some runs is unknown ({described}); check that they used the same prompts.")
-    settings = [_settings(run) for run in runs]
+    settings = [run_settings(run) for run in runs]
     for key in COMPARED_SETTINGS:
         values = [s.get(key) for s in settings]
         if len({repr(v) for v in values if v is not None}) > 1:
@@ -131,71 +140,138 @@ def common_steps(runs: Sequence["Run"]) -> list[int]:
     return sorted(shared)
 
 
-def _values_at(run: "Run", metric: str, step: int, layers: Sequence[int]) -> np.ndarray:
-    row = np.asarray(run.metric(metric), dtype=np.float64)[[int(s) for s in run.steps].index(step)]
+def values_at(run: "Run", metric: str, step: int, layers: Sequence[int], *, stderr: bool = False) -> np.ndarray:
+    """``metric`` (or, with ``stderr``, its standard errors; NaN where none) of ``run`` at ``step`` and ``layers``."""
+    if stderr:
+        table = stderr_of(run, metric)
+        if table is None:
+            return np.full(len(layers), np.nan)
+    else:
+        table = np.asarray(run.metric(metric), dtype=np.float64)
+    row = table[[int(s) for s in run.steps].index(step)]
     column = {layer: j for j, layer in enumerate(run.layers)}
-    return np.array([row[column[layer]] for layer in layers])
+    return np.array([row[column[layer]] for layer in layers], dtype=np.float64)
 
 
-def _png_uri(figure: "Figure", dpi: int) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+@dataclass
+class Difference:
+    """One run minus the reference over the common steps and layers, with its uncertainty.
+
+    Attributes:
+        delta: ``[steps, layers]`` run - reference.
+        threshold: ``[steps, layers]`` 2 * sqrt(se_run^2 + se_reference^2), NaN where either has no standard error.
+        marked: ``[steps, layers]`` bool, ``|delta| > threshold`` (False where the threshold is unknown).
+    """
+
+    delta: np.ndarray
+    threshold: np.ndarray
+    marked: np.ndarray
 
 
+def difference(
+    run: "Run", reference: "Run", metric: str, steps: Sequence[int], layers: Sequence[int]
+) -> Difference:
+    """``run - reference`` of ``metric``; a per-layer difference is marked when it exceeds the combined uncertainty
+    of the two runs, ``|delta| > 2 * sqrt(se_run^2 + se_reference^2)``."""
+    def table(of: "Run", stderr: bool) -> np.ndarray:
+        return np.array([values_at(of, metric, s, layers, stderr=stderr) for s in steps]).reshape(len(steps), -1)
+
+    delta = table(run, False) - table(reference, False)
+    threshold = STDERR_BAND * np.sqrt(table(run, True) ** 2 + table(reference, True) ** 2)
+    with np.errstate(invalid="ignore"):
+        marked = np.isfinite(delta) & np.isfinite(threshold) & (np.abs(delta) > threshold)
+    return Difference(delta=delta, threshold=threshold, marked=marked)
+
+
+def empty_reason(run: "Run", metric: str, step: int) -> str:
+    """Why ``metric`` has no value at ``step`` in ``run`` (for the note in an empty panel)."""
+    if metric == names.CKA_TO_PREVIOUS and int(step) == int(run.steps[0]):
+        return f"no value at step {step}, the run's first probe: nothing earlier to compare with"
+    if metric == names.BEST_LAYER or metric == names.PROBE_ACCURACY:
+        return f"no value at step {step}: it needs a probe with class labels"
+    return f"no value at step {step}: not measured (or not finite) at this probe"
+
+
+# ------------------------------------------------------------------------------------------------ figures
 def heatmaps_figure(runs: Sequence["Run"], labels: Sequence[str], metric: str) -> "Figure":
     """The runs' heatmaps of ``metric`` side by side on one colour scale, with one colour bar."""
     matrices = [np.asarray(run.metric(metric), dtype=np.float64).T for run in runs]
     finite = np.concatenate([m[np.isfinite(m)] for m in matrices])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    width, height = images.heatmap_size(max(len(run.steps) for run in runs), max(len(run.layers) for run in runs))
-    figure = images.new_figure(min(22.0, 0.75 * width * len(runs) + 1.2), height)
+    height = min(6.0, max(2.8, 1.6 + 0.14 * max(len(run.layers) for run in runs)))
+    figure = images.new_figure(min(14.0, 5.0 * len(runs) + 1.2), height)
     axes_list = figure.subplots(1, len(runs), squeeze=False)[0]
     image = None
     for axes, run, label, matrix in zip(axes_list, runs, labels, matrices):
         image = images.draw_heatmap(axes, matrix, run.steps, run.layers, vmin=vmin, vmax=vmax, title=label)
     figure.colorbar(image, ax=list(axes_list)).set_label(metric)
-    figure.suptitle(f"{metric}: layer x step, runs side by side on one colour scale")
+    figure.suptitle(f"{metric}: layer x step, runs side by side on one colour scale (grey = no value)")
     return figure
 
 
+def _note(axes: "Axes", lines: Sequence[str]) -> None:
+    """Say in an (otherwise empty) panel why it is empty: one wrapped paragraph per line."""
+    text = "\n".join(textwrap.fill(line, 46) for line in lines)
+    axes.text(0.5, 0.5, text, transform=axes.transAxes, ha="center", va="center", fontsize=8,
+              color="#7a1f1f", bbox={"facecolor": "#fff8e6", "edgecolor": "#e0c080", "pad": 4})
+
+
 def profiles_figure(runs: Sequence["Run"], labels: Sequence[str], metric: str, steps: Sequence[int]) -> "Figure":
-    """One panel per chosen step: every run's depth profile of ``metric`` at that step, overlaid."""
-    figure = images.new_figure(4.4 * len(steps) + 0.6, 3.4)
+    """One panel per chosen step: every run's depth profile of ``metric`` at that step, overlaid, with bands of
+    +-2 standard errors where recorded; a run without values at a step is named in the panel with the reason."""
+    figure = images.new_figure(min(14.0, 4.4 * len(steps) + 0.6), 3.3)
     axes_list = figure.subplots(1, len(steps), squeeze=False, sharey=True)[0]
     for axes, step in zip(axes_list, steps):
+        empty = []
         for index, (run, label) in enumerate(zip(runs, labels)):
-            values = _values_at(run, metric, step, run.layers)
-            colour = _RUN_COLOURS[index % len(_RUN_COLOURS)]
-            axes.plot(run.layers, values, marker="o", ms=3.5, lw=1.6, color=colour, label=label)
+            values = values_at(run, metric, step, run.layers)
+            if not np.isfinite(values).any():
+                empty.append(f"{label}: {empty_reason(run, metric, step)}")
+                continue
+            colour = RUN_COLOURS[index % len(RUN_COLOURS)]
+            se = values_at(run, metric, step, run.layers, stderr=True)
+            axes.plot(run.layers, values, marker="o", ms=3, lw=1.5, color=colour, label=label)
+            low, high = values - STDERR_BAND * se, values + STDERR_BAND * se
+            if np.isfinite(low).any():
+                axes.fill_between(run.layers, low, high, color=colour, alpha=0.18, linewidth=0)
+        if empty:
+            _note(axes, empty)
         axes.set_title(f"step {step}")
         axes.set_xlabel("layer (0 = embeddings)")
         layers = runs[0].layers
-        axes.set_xticks([layers[i] for i in images.tick_positions(len(layers), 17)])
+        axes.set_xticks([layers[i] for i in images.tick_positions(len(layers), 12)])
         axes.grid(alpha=0.3)
     axes_list[0].set_ylabel(metric)
-    axes_list[0].legend(fontsize="small")
-    figure.suptitle(f"{metric}: depth profiles of the runs at the same steps")
+    if any(axes.get_lines() for axes in axes_list):
+        next(axes for axes in axes_list if axes.get_lines()).legend(fontsize="small")
+    figure.suptitle(f"{metric}: depth profiles of the runs at the same steps (shaded: \u00b12 standard errors)")
     return figure
 
 
 def differences_figure(
     runs: Sequence["Run"], labels: Sequence[str], metric: str, steps: Sequence[int], layers: Sequence[int]
 ) -> "Figure":
-    """One panel per run after the first: ``run - first run`` per layer over the common steps (lines by depth)."""
+    """One panel per run after the first: ``run - first run`` per layer over the common steps (lines by depth);
+    a large dot marks a difference beyond the combined uncertainty, ``|delta| > 2 sqrt(se_a^2 + se_b^2)``."""
     import matplotlib
     from matplotlib.colors import Normalize
 
     cmap = matplotlib.colormaps["viridis"]
     norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
     others = list(zip(runs[1:], labels[1:]))
-    figure = images.new_figure(max(7.0, 4.6 * len(others) + 1.2), 3.6)
+    figure = images.new_figure(min(14.0, max(9.0, 4.6 * len(others) + 1.2)), 3.7)
     axes_list = figure.subplots(1, len(others), squeeze=False, sharey=True)[0]
-    reference = np.array([_values_at(runs[0], metric, s, layers) for s in steps])
     for axes, (run, label) in zip(axes_list, others):
-        difference = np.array([_values_at(run, metric, s, layers) for s in steps]) - reference
+        result = difference(run, runs[0], metric, steps, layers)
         for j, layer in enumerate(layers):
-            axes.plot(steps, difference[:, j], color=cmap(norm(layer)), lw=1.2, marker="." if len(steps) < 30 else None)
+            colour = cmap(norm(layer))
+            axes.plot(steps, result.delta[:, j], color=colour, lw=1.1, marker="." if len(steps) < 30 else None)
+            marked = result.marked[:, j]
+            if marked.any():
+                axes.plot(np.asarray(steps)[marked], result.delta[marked, j], "o", color=colour, ms=5.5,
+                          markeredgecolor="black", markeredgewidth=0.6)
+        if not np.isfinite(result.delta).any():
+            _note(axes, [f"no finite difference: {empty_reason(run, metric, steps[0])}"])
         axes.axhline(0.0, color="#444444", lw=0.8)
         images.set_step_scale(axes, steps)
         axes.set_title(f"{label} \u2212 {labels[0]}")
@@ -205,30 +281,37 @@ def differences_figure(
     colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(axes_list), shrink=0.85)
     colorbar.set_ticks([layers[i] for i in images.tick_positions(len(layers), 13)])
     colorbar.set_label("layer")
-    figure.suptitle(f"{metric}: per-layer difference from {labels[0]}")
+    figure.suptitle(f"{metric}: per-layer difference from {labels[0]}\nbig dot: |\u0394| > 2\u221a(se_a\u00b2 + "
+                    "se_b\u00b2), beyond the two runs' combined uncertainty", fontsize="medium")
     return figure
 
 
+# ------------------------------------------------------------------------------------------------ the page
 def _last_step_table(runs, labels, metric: str, step: int, layers: Sequence[int]) -> str:
-    values = [_values_at(run, metric, step, layers) for run in runs]
-    esc = html.escape
+    values = [values_at(run, metric, step, layers) for run in runs]
+    results = [difference(run, runs[0], metric, [step], layers) for run in runs[1:]]
+    scale = page.scale_of(values)
+    esc = page.escape
     head = "".join(f"<th>{esc(label)}</th>" for label in labels)
     head += "".join(f"<th>{esc(label)} &minus; {esc(labels[0])}</th>" for label in labels[1:])
-    rows = [f'<table class="numbers"><thead><tr><th>layer</th>{head}</tr></thead><tbody>']
+    rows = [f'<div class="scroll"><table class="numbers"><thead><tr><th>layer</th>{head}</tr></thead><tbody>']
     for j, layer in enumerate(layers):
-        cells = "".join(f"<td>{_cell(v[j])}</td>" for v in values)
-        cells += "".join(f"<td>{_cell(v[j] - values[0][j])}</td>" for v in values[1:])
+        cells = "".join(page.cell(v[j], scale=scale) for v in values)
+        cells += "".join(
+            page.cell(r.delta[0, j], scale=scale, css="significant" if r.marked[0, j] else "") for r in results
+        )
         rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
-    rows.append("</tbody></table>")
+    rows.append("</tbody></table></div>")
     return "\n".join(rows)
 
 
 def _metric_section(runs, labels, metric: str, steps: Sequence[int], layers: Sequence[int], dpi: int) -> list[str]:
-    esc = html.escape
-    parts = [f'<h2 id="{esc(metric)}">{esc(metric)}</h2>', f'<p class="note">{esc(registry.describe(metric))}</p>']
+    esc = page.escape
+    note = registry.describe(metric) if metric in registry.all_metrics() else ""
+    parts = [f'<h2 id="{esc(metric)}">{esc(metric)}</h2>', f'<p class="note">{esc(note)}</p>']
 
     def picture(figure: "Figure", alt: str) -> None:
-        parts.append(f'<p><img src="{_png_uri(figure, dpi)}" alt="{esc(alt)}"></p>')
+        parts.append(page.image_tag(page.png_uri(figure, dpi), alt))
 
     picture(heatmaps_figure(runs, labels, metric), f"{metric}: heatmaps of the runs on one colour scale")
     if not steps:
@@ -241,22 +324,43 @@ def _metric_section(runs, labels, metric: str, steps: Sequence[int], layers: Seq
     return parts
 
 
-_COMPARE_CSS = ".warning { background: #fdecea; color: #a11; border: 2px solid #d33; padding: 0.6em 1em; }\n"
+UNCERTAINTY_NOTE = (
+    "A per-layer difference is marked (a big dot in the difference curves, a red cell in the tables) when it is "
+    "larger than the two runs' combined uncertainty: |\u0394| > 2\u00b7\u221a(se_a\u00b2 + se_b\u00b2), with se the "
+    "standard errors each run recorded for that layer and step (about a 95% test of no difference). Shaded bands in "
+    "the depth profiles are \u00b12 se."
+)
 
 
-def render_comparison(runs, labels, paths, metrics: Sequence[str], warnings: Sequence[str], dpi: int) -> str:
-    """The comparison page: which runs, warnings, then one section per metric."""
-    esc = html.escape
-    steps = common_steps(runs)
-    layers = [layer for layer in runs[0].layers if all(layer in run.layers for run in runs[1:])]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>layerwatch comparison: {esc(', '.join(labels))}</title>",
-        f"<style>{_CSS}{_COMPARE_CSS}</style></head><body>",
-        "<h1>layerwatch comparison</h1>",
-        "<ul class=\"meta\">",
-    ]
+def uncertainty_summary(runs, labels, metrics: Sequence[str], steps: Sequence[int], layers: Sequence[int]) -> str:
+    """A table: per metric and run, how many layers differ from the reference beyond the combined uncertainty at
+    the last common step."""
+    if not steps:
+        return ""
+    esc = page.escape
+    head = "".join(f"<th>{esc(label)} vs {esc(labels[0])}</th>" for label in labels[1:])
+    rows = []
+    for metric in metrics:
+        cells = []
+        for run in runs[1:]:
+            result = difference(run, runs[0], metric, [steps[-1]], layers)
+            if not np.isfinite(result.threshold).any():
+                cells.append("<td>no standard errors</td>")
+                continue
+            count = int(result.marked.sum())
+            css = ' class="significant"' if count else ""
+            cells.append(f"<td{css}>{count} of {len(layers)} layers</td>")
+        rows.append(f'<tr><th><a href="#{esc(metric)}">{esc(metric)}</a></th>{"".join(cells)}</tr>')
+    return (
+        f'<p class="note">{esc(UNCERTAINTY_NOTE)} At step {steps[-1]}, the last common step:</p><div class="scroll">'
+        f'<table class="numbers"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>'
+        "</table></div>"
+    )
+
+
+def _runs_list(runs, labels, paths) -> list[str]:
+    esc = page.escape
+    parts = ['<ul class="meta">']
     for index, (run, label, path) in enumerate(zip(runs, labels, paths)):
         role = " (reference: differences are taken from this run)" if index == 0 else ""
         parts.append(
@@ -264,34 +368,62 @@ def render_comparison(runs, labels, paths, metrics: Sequence[str], warnings: Seq
             f"(steps {int(run.steps[0])} to {int(run.steps[-1])}), layers {run.layers[0]} to {run.layers[-1]}</li>"
         )
     parts.append("</ul>")
-    parts.append(
-        f'<p class="meta">{len(steps)} step(s) in common. Generated '
-        f"{esc(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}.</p>"
-    )
+    return parts
+
+
+def _settings_section(labels: Sequence[str], settings: Sequence[dict[str, Any]]) -> list[str]:
+    """The runs' settings side by side, folded when they agree and open (differences first) when they do not."""
+    keys = sorted({k for s in settings for k in s})
+    differing = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+    summary = (f"{len(differing)} differ: {', '.join(differing)}" if differing else "all the same")
+    return [
+        f'<details id="settings"{" open" if differing else ""}><summary><b>Settings side by side</b> '
+        f"({page.escape(summary)})</summary>",
+        page.settings_table(labels, settings),
+        "</details>",
+    ]
+
+
+def render_comparison(runs, labels, paths, metrics: Sequence[str], warnings: Sequence[str], dpi: int) -> str:
+    """The comparison page: which runs, warnings, their settings side by side, the differences beyond the
+    uncertainty, then one section per metric."""
+    esc = page.escape
+    steps = common_steps(runs)
+    layers = [layer for layer in runs[0].layers if all(layer in run.layers for run in runs[1:])]
+    parts = page.page_head(f"layerwatch comparison: {', '.join(labels)}")
+    parts.append("<h1>layerwatch comparison</h1>")
+    parts += _runs_list(runs, labels, paths)
+    parts.append(f'<p class="meta">{len(steps)} step(s) in common. {page.generated()}</p>')
     parts.extend(f'<p class="warning">{esc(w)}</p>' for w in warnings)
-    parts.append("<nav>" + "".join(f'<a href="#{esc(m)}">{esc(m)}</a>' for m in metrics) + "</nav>")
+    parts.append(page.nav([(m, m) for m in metrics] + [("settings", "settings")]))
+    parts += _settings_section(labels, [run_settings(run) for run in runs])
+    parts.append('<h2 id="differences">Differences beyond the uncertainty</h2>')
+    parts.append(uncertainty_summary(runs, labels, metrics, steps, layers))
     for metric in metrics:
         parts.extend(_metric_section(runs, labels, metric, steps, layers, dpi))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _shared_metrics(runs: Sequence["Run"], requested: Sequence[str] | None) -> list[str]:
+def _shared_metrics(runs: Sequence["Run"], requested: str | Sequence[str] | None) -> list[str]:
+    if isinstance(requested, str) and requested in registry.PRESETS:
+        wanted = set(registry.resolve_metrics(requested)[1])
+        return [m for m in ordered_metrics(runs[0]) if m in wanted and all(m in run.metrics for run in runs[1:])]
+    if isinstance(requested, str):
+        requested = [m.strip() for m in requested.split(",") if m.strip()]
     if requested:
-        missing = [(m, [i for i, run in enumerate(runs) if m not in run.metrics]) for m in requested]
-        missing = [m for m, where in missing if where]
+        missing = [m for m in requested if any(m not in run.metrics for run in runs)]
         if missing:
             raise ReportError(f"not every run has the metric(s) {', '.join(missing)}")
-        return list(requested)
-    names = ordered_metrics(runs[0])
-    return [m for m in names if all(m in run.metrics for run in runs[1:])]
+        return list(dict.fromkeys(requested))
+    return [m for m in ordered_metrics(runs[0]) if all(m in run.metrics for run in runs[1:])]
 
 
 def make_comparison(
     run_dirs: Sequence[str | Path],
     *,
     out: str | Path | None = None,
-    metrics: Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
     dpi: int = 100,
     allow_different_probes: bool = False,
 ) -> Comparison:
@@ -300,8 +432,8 @@ def make_comparison(
     Args:
         run_dirs: the run directories; the first is the reference the differences are taken from.
         out: the HTML file to write, or a folder to write ``layerwatch-comparison.html`` into (default: the current
-            folder).
-        metrics: the metrics to compare (default: every metric all runs have, minus all-NaN ones).
+            folder). It is written atomically: a link planted at that name is replaced, not followed.
+        metrics: the metrics to compare: names or a preset (default: every metric all runs have, minus all-NaN ones).
         dpi: image resolution.
         allow_different_probes: draw runs probed with different prompts anyway (the page then opens with a red
             warning); by default they are refused.
@@ -315,20 +447,19 @@ def make_comparison(
     if not images.have_matplotlib():
         raise ReportError("layerwatch report needs matplotlib: pip install matplotlib")
     paths = [Path(p) for p in run_dirs]
-    runs = [_read(path) for path in paths]
+    runs = [read_one_run(path) for path in paths]
     labels = run_labels(paths)
     warnings = check_comparable(runs, labels, allow_different_probes=allow_different_probes)
-    names = _shared_metrics(runs, metrics)
-    if not names:
+    chosen = _shared_metrics(runs, metrics)
+    if not chosen:
         raise ReportError("the runs have no metric in common with finite values")
     target = Path(out) if out is not None else Path.cwd()
     if target.suffix.lower() not in (".html", ".htm"):
         target = target / COMPARISON_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_comparison(runs, labels, paths, names, warnings, dpi), encoding="utf-8")
+    page.write_file(target, render_comparison(runs, labels, paths, chosen, warnings, dpi))
     for warning in warnings:
         logger.warning("layerwatch comparison: %s", warning)
-    return Comparison(html=target, labels=labels, metrics=names, warnings=warnings)
+    return Comparison(html=target, labels=labels, metrics=chosen, warnings=warnings)
 
 
 def describe(comparison: Comparison) -> str:
@@ -337,4 +468,7 @@ def describe(comparison: Comparison) -> str:
     return f"wrote {comparison.html}: {' vs '.join(comparison.labels)}, {len(comparison.metrics)} metric(s){flagged}"
 
 
-__all__ = ["Comparison", "make_comparison", "check_comparable", "probe_identity", "run_labels", "common_steps"]
+__all__ = [
+    "Comparison", "Difference", "make_comparison", "check_comparable", "probe_identity", "run_labels",
+    "common_steps", "difference", "values_at", "render_comparison", "COMPARISON_NAME",
+]

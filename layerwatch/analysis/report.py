@@ -1,42 +1,59 @@
-"""Pictures of a run: ``layerwatch report RUN_DIR``.
+"""Pictures of a run: what ``layerwatch report RUN_DIR`` draws (the front end is ``layerwatch.cli.report``).
 
 Reads a run directory (written during training by the monitor or after training by ``layerwatch trajectory``; the
 format is the same) and writes
 
-- ``RUN_DIR/report/heatmap_<metric>.png``: a layer x step heatmap per metric (layer 0 = embeddings, at the bottom);
+- ``RUN_DIR/report/overview.png``: every metric as a small layer x step heatmap with its own colour bar (the top of
+  the page, beside the alerts and the best layer);
+- ``RUN_DIR/report/heatmap_<metric>.png``: one layer x step heatmap per metric at the page's width (layer 0 =
+  embeddings, at the bottom);
 - ``RUN_DIR/report/depth_profiles.png``: each metric across depth at the first, middle and last probed steps;
 - ``RUN_DIR/report/trajectories.png``: each metric over steps, one line per layer (coloured by depth);
 - ``RUN_DIR/report/prompt_entropy_histograms.png``: per layer, the histogram of per-prompt prompt entropy at the
   last step, with Sarle's bimodality coefficient (above 5/9 suggests two modes);
-- ``RUN_DIR/report.html``: one self-contained page (images embedded as data URIs) with the pictures and tables of
-  the numbers.
+- ``RUN_DIR/report/sinks.png``: prompt entropy with and without attention sinks beside ``massive_activation``;
+- ``RUN_DIR/report.html``: one self-contained page (pictures embedded as data URIs) that opens on the overview, then
+  the details and the tables of numbers (``report_page``).
 
-matplotlib (a dependency of layerwatch) is imported only here, with the Agg canvas and without
-pyplot, so making a report never changes the plotting backend of the calling process.
+Where the run recorded standard errors (``Run.stderr``), the depth profiles and trajectories carry shaded bands of
++-2 standard errors (:data:`layerwatch.analysis.html.STDERR_BAND`).
+
+Nothing is written through links: every file is written atomically (a planted ``report.html`` link is replaced, not
+followed) and a ``report/`` folder that is a link is refused. matplotlib (a dependency of layerwatch) is used with
+the Agg canvas and without pyplot, so making a report never changes the plotting backend of the calling process.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import datetime
-import html
 import logging
 import math
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from layerwatch.rundir import images as images_module
-from layerwatch.metrics import registry
+from layerwatch.analysis import html as page
+from layerwatch.analysis.html import (
+    STDERR_BAND,
+    ReportError,
+    best_layers,
+    check_folder,
+    ordered_metrics,
+    png_bytes,
+    profile_steps,
+    read_one_run,
+    stderr_of,
+    write_file,
+)
+from layerwatch.metrics import names, registry
 from layerwatch.monitor.alerts import BIMODALITY_THRESHOLD
+from layerwatch.rundir import images as images_module
 
 if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from layerwatch.rundir.runs import Run
@@ -46,9 +63,8 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install matplotlib (a dependency of layerwatch that is missing here)"
 IMAGE_DIR = "report"
 HTML_NAME = "report.html"
-
-class ReportError(Exception):
-    """A problem the user can fix (no run, matplotlib missing); the CLI prints it and exits 2."""
+BEST_LAYER_METRIC = names.PROBE_ACCURACY  # the metric whose pictures mark best_layer
+_STEP_STYLES = (("#9ecae1", "o"), ("#3182bd", "s"), ("#08306b", "^"))
 
 
 @dataclass
@@ -59,7 +75,8 @@ class Report:
     images: dict[str, Path] = field(default_factory=dict)
 
 
-def _require_matplotlib() -> None:
+def require_matplotlib() -> None:
+    """Raise :class:`ReportError` with the install hint when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
@@ -67,128 +84,173 @@ def _require_matplotlib() -> None:
         raise ReportError(f"layerwatch report needs matplotlib: {INSTALL_HINT}") from error
 
 
-_new_figure = images_module.new_figure
-_tick_positions = images_module.tick_positions
-
-
 def _save(figure: "Figure", path: Path, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, format="png")
-    return path
+    return write_file(path, png_bytes(figure, dpi))
 
 
-def ordered_metrics(run: "Run") -> list[str]:
-    """The run's metrics in display order, leaving out all-NaN ones and an all-zero ``nonfinite``."""
-    order = registry.all_metrics()  # registry order; metrics it does not know (an older run) come after
-    names = [m for m in order if m in run.metrics] + [m for m in run.metrics if m not in order]
-    kept = []
-    for name in names:
-        values = np.asarray(run.metric(name), dtype=np.float64)
-        if not np.isfinite(values).any():
-            continue
-        if name == "nonfinite" and not np.nan_to_num(values).any():
-            continue
-        kept.append(name)
-    return kept
-
-
-BEST_LAYER_METRIC = "probe_accuracy"  # the metric whose pictures mark best_layer
-
-
-def best_layers(run: "Run") -> np.ndarray | None:
-    """``[steps]`` best layer per probed step (NaN where unknown), or None when the run has no ``best_layer``."""
-    return run.scalar("best_layer") if "best_layer" in getattr(run, "scalars", ()) else None
-
-
-def plot_heatmap(run: "Run", metric: str, path: Path, *, dpi: int = 110) -> Path:
-    """A layer x step heatmap of one metric (layer 0 at the bottom, one column per probed step); the
-    ``probe_accuracy`` heatmap marks each step's best layer with a white star."""
-    matrix = np.asarray(run.metric(metric), dtype=np.float64).T  # [layers, steps]
-    figure = images_module.heatmap_figure(matrix, np.asarray(run.steps), list(run.layers), metric=metric)
-    best = best_layers(run) if metric == BEST_LAYER_METRIC else None
-    if best is not None:
-        rows = {layer: row for row, layer in enumerate(run.layers)}
-        points = [(column, rows[int(b)]) for column, b in enumerate(best) if np.isfinite(b) and int(b) in rows]
-        if points:
-            columns, layer_rows = zip(*points)
-            figure.axes[0].plot(columns, layer_rows, "*", color="white", markeredgecolor="black", markersize=11)
-            figure.axes[0].set_title(f"{metric} (star: best layer)")
-    return _save(figure, path, dpi)
-
-
-def profile_steps(steps: Sequence[int]) -> list[int]:
-    """The first, middle and last probed steps (without repeats)."""
-    steps = [int(s) for s in steps]
-    if not steps:
-        return []
-    chosen = [steps[0], steps[len(steps) // 2], steps[-1]]
-    return list(dict.fromkeys(chosen))
-
-
-def _grid(count: int, columns: int) -> tuple[int, int]:
+# ------------------------------------------------------------------------------------------------ what to draw
+def grid(count: int, columns: int) -> tuple[int, int]:
+    """(rows, columns) of a grid of ``count`` panels at most ``columns`` wide."""
     columns = max(1, min(columns, count))
     return int(math.ceil(count / columns)), columns
 
 
-def plot_depth_profiles(run: "Run", metrics: Sequence[str], path: Path, *, dpi: int = 110) -> Path:
-    """One panel per metric: its value across depth at the first, middle and last probed steps."""
+def layer_ticks(axes: "Axes", layers: Sequence[int]) -> None:
+    """Layer ticks on the x axis: every layer up to 16, else about 12 evenly spread."""
+    layers = list(layers)
+    axes.set_xticks([layers[i] for i in images_module.tick_positions(len(layers), 16 if len(layers) <= 16 else 12)])
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def overview_columns(count: int) -> int:
+    """Columns of the overview's small multiples (a wide grid that fits one screen)."""
+    return count if count <= 4 else 3 if count <= 6 else 4 if count <= 8 else 5 if count <= 15 else 6
+
+
+def plot_overview(run: "Run", metrics: Sequence[str], path: Path, *, dpi: int = 110) -> Path:
+    """Every metric as a small layer x step heatmap with its own colour bar, in one figure (about 1100 x 750 px):
+    the first thing the page shows. ``probe_accuracy`` marks each step's best layer with a white star."""
+    rows, columns = grid(len(metrics), overview_columns(len(metrics)))
+    row_height = min(2.5, 7.0 / rows)
+    figure = images_module.new_figure(10.4, row_height * rows + 0.35, layout=None)
+    axes_grid = images_module.grid_axes(
+        figure, rows, columns, left=0.45, right=0.4, top=0.45, bottom=0.35, wspace=0.3, hspace=0.36
+    )
+    for panel, axes in enumerate(axes_grid.ravel()):
+        if panel >= len(metrics):
+            axes.set_axis_off()
+            continue
+        metric = metrics[panel]
+        matrix = np.asarray(run.metric(metric), dtype=np.float64).T
+        image = images_module.draw_small_heatmap(axes, matrix, run.steps, run.layers, title=metric)
+        if metric == BEST_LAYER_METRIC:
+            _mark_best_layers(axes, run, markersize=6)
+        colorbar = figure.colorbar(image, ax=axes, fraction=0.08, pad=0.03)
+        colorbar.ax.tick_params(labelsize=6.5, length=2, pad=1)
+        colorbar.ax.yaxis.get_offset_text().set_fontsize(6.5)
+        if panel % columns == 0:
+            axes.set_ylabel("layer", fontsize=7.5, labelpad=1)
+        if panel >= len(metrics) - columns:
+            axes.set_xlabel("step", fontsize=7.5, labelpad=1)
+    figure.suptitle("every metric, layer (0 = embeddings, at the bottom) x step; grey = no value", fontsize=9)
+    return _save(figure, path, dpi)
+
+
+def _mark_best_layers(axes: "Axes", run: "Run", *, markersize: float) -> bool:
+    best = best_layers(run)
+    if best is None:
+        return False
+    rows = {layer: row for row, layer in enumerate(run.layers)}
+    points = [(column, rows[int(b)]) for column, b in enumerate(best) if np.isfinite(b) and int(b) in rows]
+    if points:
+        columns, layer_rows = zip(*points)
+        axes.plot(columns, layer_rows, "*", color="white", markeredgecolor="black", markersize=markersize)
+    return bool(points)
+
+
+def plot_heatmap(run: "Run", metric: str, path: Path, *, dpi: int = 110) -> Path:
+    """A layer x step heatmap of one metric at the page's width (layer 0 at the bottom, one column per probed step);
+    the ``probe_accuracy`` heatmap marks each step's best layer with a white star."""
+    matrix = np.asarray(run.metric(metric), dtype=np.float64).T  # [layers, steps]
+    height = min(7.0, max(3.2, 1.6 + 0.16 * len(run.layers)))
+    figure = images_module.heatmap_figure(
+        matrix, np.asarray(run.steps), list(run.layers), metric=metric, size=(14.0, height)
+    )
+    if metric == BEST_LAYER_METRIC and _mark_best_layers(figure.axes[0], run, markersize=11):
+        figure.axes[0].set_title(f"{metric} (star: best layer)")
+    return _save(figure, path, dpi)
+
+
+def _band(axes: "Axes", x: np.ndarray, values: np.ndarray, se: np.ndarray | None, colour) -> None:
+    if se is None:
+        return
+    low, high = values - STDERR_BAND * se, values + STDERR_BAND * se
+    shown = np.isfinite(low) & np.isfinite(high)
+    if shown.any():
+        axes.fill_between(x, low, high, where=shown, color=colour, alpha=0.18, linewidth=0, interpolate=False)
+
+
+def _profile_panel(axes: "Axes", run: "Run", metric: str, chosen: Sequence[int]) -> bool:
     steps = [int(s) for s in run.steps]
-    chosen = profile_steps(steps)
-    rows, columns = _grid(len(metrics), 3)
-    figure = _new_figure(4.2 * columns, 3.1 * rows)
     layers = np.asarray(run.layers)
-    styles = {0: ("#9ecae1", "o"), 1: ("#3182bd", "s"), 2: ("#08306b", "^")}
-    for panel, metric in enumerate(metrics):
-        axes = figure.add_subplot(rows, columns, panel + 1)
-        values = np.asarray(run.metric(metric), dtype=np.float64)
-        for order, step in enumerate(chosen):
-            colour, marker = styles[order if len(chosen) == 3 else (2 if order == len(chosen) - 1 else 0)]
-            axes.plot(layers, values[steps.index(step)], marker=marker, color=colour, label=f"step {step}", lw=1.6)
-            best = best_layers(run) if metric == BEST_LAYER_METRIC else None
-            if best is not None and np.isfinite(best[steps.index(step)]):
-                layer = int(best[steps.index(step)])
-                row = values[steps.index(step)][list(run.layers).index(layer)] if layer in run.layers else np.nan
-                axes.plot([layer], [row], "*", color=colour, markeredgecolor="black", markersize=14)
-        if metric == BEST_LAYER_METRIC and best_layers(run) is not None:
-            metric = f"{metric} (star: best layer)"
-        axes.set_title(metric)
-        axes.set_xlabel("layer (0 = embeddings)")
-        axes.grid(alpha=0.3)
-        if len(layers) <= 16:
-            axes.set_xticks(layers)
+    values = np.asarray(run.metric(metric), dtype=np.float64)
+    se = stderr_of(run, metric)
+    best = best_layers(run) if metric == BEST_LAYER_METRIC else None
+    for order, step in enumerate(chosen):
+        colour, marker = _STEP_STYLES[order if len(chosen) == 3 else (2 if order == len(chosen) - 1 else 0)]
+        row = steps.index(step)
+        axes.plot(layers, values[row], marker=marker, ms=3.5, color=colour, label=f"step {step}", lw=1.5)
+        _band(axes, layers, values[row], None if se is None else se[row], colour)
+        if best is not None and np.isfinite(best[row]) and int(best[row]) in run.layers:
+            layer = int(best[row])
+            axes.plot([layer], [values[row][list(run.layers).index(layer)]], "*", color=colour,
+                      markeredgecolor="black", markersize=13)
+    title = f"{metric} (star: best layer)" if best is not None else metric
+    axes.set_title(title + (" \u00b1 2 se" if se is not None else ""), fontsize="medium")
+    axes.set_xlabel("layer (0 = embeddings)")
+    axes.grid(alpha=0.3)
+    layer_ticks(axes, run.layers)
+    return se is not None
+
+
+def _panels(figure: "Figure", rows: int, columns: int, count: int, *, hspace: float = 0.5) -> list["Axes"]:
+    """The first ``count`` axes of a grid with fixed margins (the rest removed)."""
+    grid_axes = images_module.grid_axes(
+        figure, rows, columns, left=0.6, right=0.2, top=0.6, bottom=0.5, wspace=0.28, hspace=hspace
+    ).ravel()
+    for spare in grid_axes[count:]:
+        spare.remove()
+    return list(grid_axes[:count])
+
+
+def plot_depth_profiles(run: "Run", metrics: Sequence[str], path: Path, *, dpi: int = 110) -> Path:
+    """One panel per metric: its value across depth at the first, middle and last probed steps, with shaded
+    bands of +-2 standard errors where the run recorded them."""
+    chosen = profile_steps(run.steps)
+    rows, columns = grid(len(metrics), 4)
+    figure = images_module.new_figure(3.6 * columns, 2.9 * rows + 0.45, layout=None)
+    panels = _panels(figure, rows, columns, len(metrics))
+    banded = False
+    for panel, (metric, axes) in enumerate(zip(metrics, panels)):
+        banded |= _profile_panel(axes, run, metric, chosen)
         if panel == 0:
             axes.legend(fontsize="small")
-    figure.suptitle("depth profiles at the first, middle and last probed steps")
+    bands = "; shaded: \u00b12 standard errors" if banded else ""
+    figure.suptitle(f"depth profiles at the first, middle and last probed steps{bands}")
     return _save(figure, path, dpi)
 
 
 def plot_trajectories(run: "Run", metrics: Sequence[str], path: Path, *, dpi: int = 110) -> Path:
-    """One panel per metric: its value over steps, one line per layer coloured from shallow (light) to deep (dark)."""
+    """One panel per metric: its value over steps, one line per layer coloured from shallow (light) to deep (dark),
+    with shaded bands of +-2 standard errors where the run recorded them."""
     import matplotlib
     from matplotlib.colors import Normalize
 
     steps = np.asarray(run.steps, dtype=np.float64)
     layers = list(run.layers)
-    rows, columns = _grid(len(metrics), 3)
-    figure = _new_figure(4.2 * columns + 0.8, 3.1 * rows)
+    rows, columns = grid(len(metrics), 4)
+    figure = images_module.new_figure(3.6 * columns + 0.8, 2.9 * rows + 0.45, layout=None)
+    all_axes = _panels(figure, rows, columns, len(metrics))
     cmap = matplotlib.colormaps["viridis"]
     norm = Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
-    all_axes = []
-    for panel, metric in enumerate(metrics):
-        axes = figure.add_subplot(rows, columns, panel + 1)
-        all_axes.append(axes)
+    banded = False
+    for metric, axes in zip(metrics, all_axes):
         values = np.asarray(run.metric(metric), dtype=np.float64)
+        se = stderr_of(run, metric)
+        banded |= se is not None
         for index, layer in enumerate(layers):
-            axes.plot(steps, values[:, index], color=cmap(norm(layer)), lw=1.2, marker="." if len(steps) < 30 else None)
+            colour = cmap(norm(layer))
+            axes.plot(steps, values[:, index], color=colour, lw=1.1, marker="." if len(steps) < 30 else None)
+            _band(axes, steps, values[:, index], None if se is None else se[:, index], colour)
         images_module.set_step_scale(axes, steps)
-        axes.set_title(metric)
+        axes.set_title(metric + (" \u00b1 2 se" if se is not None else ""), fontsize="medium")
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-    colorbar = figure.colorbar(mappable, ax=all_axes, shrink=0.8)
-    colorbar.set_ticks([layers[i] for i in _tick_positions(len(layers), 13)])
+    colorbar = figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=all_axes, shrink=0.8)
+    colorbar.set_ticks([layers[i] for i in images_module.tick_positions(len(layers), 13)])
     colorbar.set_label("layer")
-    figure.suptitle("metrics over training, one line per layer")
+    bands = "; shaded: \u00b12 standard errors" if banded else ""
+    figure.suptitle(f"metrics over training, one line per layer{bands}")
     return _save(figure, path, dpi)
 
 
@@ -201,272 +263,324 @@ def plot_prompt_entropy_histograms(
     when the run has no per-prompt values.
     """
     try:
-        values = np.asarray(run.per_prompt("prompt_entropy", step=step), dtype=np.float64)
+        values = np.asarray(run.per_prompt(names.PROMPT_ENTROPY, step=step), dtype=np.float64)
     except (KeyError, ValueError) as error:
         logger.info("no per-prompt prompt entropy to plot: %s", error)
         return None
     if values.ndim != 2 or values.size == 0 or not np.isfinite(values).any():
         return None
     step = int(run.steps[-1]) if step is None else int(step)
+    coefficients = bimodality_coefficients(run, step, values)
+    bins = _histogram_bins(values[np.isfinite(values)])
     layers = list(run.layers)
-    coefficients = _bimodality(run, step, values)
-    finite = values[np.isfinite(values)]
+    rows, columns = grid(len(layers), 8)
+    figure = images_module.new_figure(14.0, 1.75 * rows + 0.55, layout=None)
+    for index, (layer, axes) in enumerate(zip(layers, _panels(figure, rows, columns, len(layers), hspace=0.6))):
+        axes.hist(values[index][np.isfinite(values[index])], bins=bins, color="#3182bd", edgecolor="white", lw=0.4)
+        coefficient = coefficients[index]
+        flagged = math.isfinite(coefficient) and coefficient > BIMODALITY_THRESHOLD
+        text = f"layer {layer}  BC {coefficient:.2f}" if math.isfinite(coefficient) else f"layer {layer}"
+        axes.set_title(text, fontsize="small", color="#c0392b" if flagged else "black", pad=2)
+        axes.tick_params(labelsize="x-small")
+        if index % columns == 0:
+            axes.set_ylabel("prompts", fontsize="small")
+        if index >= (rows - 1) * columns:
+            axes.set_xlabel(names.PROMPT_ENTROPY, fontsize="small")
+    figure.suptitle(
+        f"per-prompt prompt entropy at step {step} (BC = bimodality coefficient; above 5/9, in red, suggests two "
+        "modes)", fontsize="medium",
+    )
+    return _save(figure, path, dpi)
+
+
+def _histogram_bins(finite: np.ndarray) -> np.ndarray:
     low, high = float(finite.min()), float(finite.max())
     if 0.0 <= low and high <= 1.0:
         low, high = 0.0, 1.0  # normalized entropy: a common, honest scale
     elif high <= low:
         low, high = low - 0.5, high + 0.5
-    bins = np.linspace(low, high, 26)
-    rows, columns = _grid(len(layers), 6 if len(layers) > 12 else 4)
-    figure = _new_figure(2.6 * columns, 2.1 * rows)
-    for index, layer in enumerate(layers):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        row = values[index][np.isfinite(values[index])]
-        axes.hist(row, bins=bins, color="#3182bd", edgecolor="white", linewidth=0.4)
-        coefficient = coefficients[index]
-        flagged = math.isfinite(coefficient) and coefficient > BIMODALITY_THRESHOLD
-        text = f"layer {layer}  BC {coefficient:.2f}" if math.isfinite(coefficient) else f"layer {layer}"
-        axes.set_title(text, fontsize="small", color="#c0392b" if flagged else "black")
-        axes.tick_params(labelsize="x-small")
-        if index % columns == 0:
-            axes.set_ylabel("prompts", fontsize="small")
-        if index >= (rows - 1) * columns:
-            axes.set_xlabel("prompt entropy", fontsize="small")
-    figure.suptitle(
-        f"per-prompt prompt entropy at step {step} (BC = bimodality coefficient; > 5/9 in red suggests two modes)"
-    )
-    return _save(figure, path, dpi)
+    return np.linspace(low, high, 26)
 
 
-def _bimodality(run: "Run", step: int, values: np.ndarray) -> list[float]:
-    """Sarle's coefficient per layer: the value the monitor recorded, else layerwatch.metrics.bimodality."""
-    if "prompt_entropy_bimodality" in run.metrics:
-        recorded = np.asarray(run.metric("prompt_entropy_bimodality"), dtype=np.float64)
+def sarle_bimodality(values: np.ndarray) -> np.ndarray:
+    """Sarle's bimodality coefficient of each row's finite values (bias-corrected skewness and excess kurtosis, as
+    ``layerwatch.metrics.bimodality``); NaN where fewer than 4 finite values remain or all are equal."""
+    result = []
+    for row in np.atleast_2d(np.asarray(values, dtype=np.float64)):
+        x = row[np.isfinite(row)]
+        n = len(x)
+        centred = x - x.mean() if n else x
+        m2 = float((centred**2).mean()) if n else 0.0
+        if n < 4 or m2 <= 0:
+            result.append(math.nan)
+            continue
+        g1 = float((centred**3).mean()) / m2**1.5
+        g2 = float((centred**4).mean()) / m2**2 - 3.0
+        skew = math.sqrt(n * (n - 1)) / (n - 2) * g1
+        kurt = (n - 1) / ((n - 2) * (n - 3)) * ((n + 1) * g2 + 6)
+        result.append((skew**2 + 1) / (kurt + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))))
+    return np.array(result)
+
+
+def bimodality_coefficients(run: "Run", step: int, values: np.ndarray) -> list[float]:
+    """Sarle's coefficient per layer: the value the monitor recorded, else computed from the per-prompt values."""
+    if names.PROMPT_ENTROPY_BIMODALITY in run.metrics:
+        recorded = np.asarray(run.metric(names.PROMPT_ENTROPY_BIMODALITY), dtype=np.float64)
         row = recorded[[int(s) for s in run.steps].index(step)]
         if np.isfinite(row).any():
             return [float(v) for v in row]
-    try:
-        import torch
-
-        from layerwatch.metrics import bimodality
-
-        result = bimodality(torch.as_tensor(values, dtype=torch.float64), dim=-1)
-        return [float(v) for v in result.reshape(-1)]
-    except Exception as error:  # noqa: BLE001 - a missing coefficient must not cost the whole report
-        logger.warning("bimodality coefficient unavailable: %s", error)
-        return [math.nan] * values.shape[0]
+    return [float(v) for v in sarle_bimodality(values)]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# HTML
-# --------------------------------------------------------------------------------------------------------------------
+def plot_sinks(run: "Run", path: Path, *, dpi: int = 110) -> Path | None:
+    """Compression or attention sink? At the last step: prompt entropy with and without sinks across depth (left)
+    beside ``massive_activation`` (right, log scale). None when the run lacks either metric."""
+    if not {names.PROMPT_ENTROPY, names.MASSIVE_ACTIVATION} <= set(run.metrics):
+        return None
+    layers, row = np.asarray(run.layers), -1
+    figure = images_module.new_figure(14.0, 3.6)
+    left, right = figure.subplots(1, 2)
+    for metric, style in ((names.PROMPT_ENTROPY, "-"), (names.PROMPT_ENTROPY_WITHOUT_SINKS, "--")):
+        if metric in run.metrics:
+            values = np.asarray(run.metric(metric), dtype=np.float64)[row]
+            se = stderr_of(run, metric)
+            left.plot(layers, values, style, marker="o", ms=3.5, lw=1.6, label=metric)
+            _band(left, layers, values, None if se is None else se[row], left.get_lines()[-1].get_color())
+    left.set_title(f"entropies at step {int(run.steps[-1])}: a gap = a sink, both low = real compression")
+    left.legend(fontsize="small")
+    ratio = np.asarray(run.metric(names.MASSIVE_ACTIVATION), dtype=np.float64)[row]
+    right.bar(layers, np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan), color="#e6550d", width=0.8)
+    right.set_yscale("log")
+    right.set_title(f"{names.MASSIVE_ACTIVATION}: largest / median token norm (about 1-3 without a sink)")
+    for axes in (left, right):
+        axes.set_xlabel("layer (0 = embeddings)")
+        axes.grid(alpha=0.3)
+        layer_ticks(axes, run.layers)
+    return _save(figure, path, dpi)
 
 
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+# ------------------------------------------------------------------------------------------------ the page
+SINK_EXPLANATION = (
+    "How to read massive_activation next to prompt_entropy (compression or attention sink?). massive_activation is "
+    "a layer's largest token norm over its median token norm, per prompt. Ordinary layers sit between about 1 and 3; "
+    "far above, one token (usually the first) carries a massive activation, the signature of an attention sink. Such "
+    "a token dominates the mean that normalization subtracts, so every other token looks alike and prompt entropy "
+    "drops even though the tokens are not compressed. prompt_entropy_without_sinks leaves out the tokens the sink "
+    "rule flags (see the README). If prompt_entropy is low but the sink-free value is high, you are looking at a "
+    "sink; if both are low, the layer really compresses its tokens. Where there is no sink, the two are equal."
+)
+BEST_LAYER_EXPLANATION = (
+    "probe_accuracy is the 5-fold cross-validated accuracy of a ridge classifier of the probe's labels on each "
+    "layer's mean-pooled embeddings; chance is about 1 / number of classes. best_layer is the layer with the highest "
+    "accuracy, the earliest on ties, marked with a star."
+)
+CKA_EXPLANATION = (
+    "Linear CKA between a layer's pooled embeddings now and at the previous probe (cka_to_previous) or at the run's "
+    "first probe (cka_to_first): 1 means nothing moved, up to rotation and scale; lower means the layer is being "
+    "reshaped. With few prompts and wide layers unrelated embeddings still score well above 0 (about D / (M + D)), "
+    "so compare layers and steps with each other rather than with 0. cka_to_previous has no value at the first probe."
+)
+METRIC_NOTES = {
+    names.PROBE_ACCURACY: BEST_LAYER_EXPLANATION,
+    names.CKA_TO_PREVIOUS: CKA_EXPLANATION,
+    names.CKA_TO_FIRST: CKA_EXPLANATION,
+}
+REPORT_CSS = """
+.top { display: grid; grid-template-columns: minmax(0, 1fr) 360px; gap: 0.8em; align-items: start; }
+img.overview { width: 100%; max-height: calc(100vh - 5.5em); object-fit: contain; object-position: left top; }
+.top .alerts { max-height: 34vh; overflow-y: auto; margin: 0.2em 0; padding-left: 1.2em; font-size: 0.9em; }
+@media (max-width: 1100px) { .top { grid-template-columns: 1fr; } }
+"""
 
 
-def _cell(value: float) -> str:
-    if not math.isfinite(value):
-        return "&ndash;"
-    if value != 0 and (abs(value) >= 1000 or abs(value) < 1e-3):
-        return f"{value:.3g}"
-    return f"{value:.4f}"
+def best_layer_summary(run: "Run") -> str:
+    """One paragraph on the best layer: where it is at the last step (with its accuracy) and how it moved."""
+    best = best_layers(run)
+    if best is None or not np.isfinite(best).any():
+        return (f"Not measured: {names.BEST_LAYER} needs {names.PROBE_ACCURACY}, which needs a probe with class "
+                "labels.")
+    steps = [int(s) for s in run.steps]
+    last = int(np.flatnonzero(np.isfinite(best))[-1])
+    layer = int(best[last])
+    text = f"<b>layer {layer}</b> at step {steps[last]}"
+    if names.PROBE_ACCURACY in run.metrics and layer in run.layers:
+        accuracy = run.metric(names.PROBE_ACCURACY)[last, list(run.layers).index(layer)]
+        text += f" ({names.PROBE_ACCURACY} {page.fmt(accuracy)})"
+    spans: list[list[int]] = []  # [layer, first step, last step] runs of equal best layers
+    for step, value in zip(steps, best):
+        if not np.isfinite(value):
+            continue
+        if spans and spans[-1][0] == int(value):
+            spans[-1][2] = step
+        else:
+            spans.append([int(value), step, step])
+    if len(spans) > 1:
+        moves = "; ".join(f"layer {b} at steps {a}\u2013{c}" if a != c else f"layer {b} at step {a}"
+                          for b, a, c in spans[-6:])
+        text += f". Over training: {moves}."
+    return text + " Marked with a star on the probe_accuracy pictures."
+
+
+def _alert_line(step: int, text: str) -> str:
+    return text if f"step {step}" in text else f"step {step}: {text}"
+
+
+def _aside(run: "Run", drawn: dict[str, Path], metrics: Sequence[str]) -> list[str]:
+    esc = page.escape
+    alerts = [_alert_line(record.step, page.alert_text(a)) for record in run.records for a in record.alerts]
+    parts = ["<aside>", f'<div class="box"><h2 id="alerts">Alerts ({len(alerts)})</h2>']
+    if alerts:
+        parts.append('<ul class="alerts">' + "".join(f"<li>{esc(a)}</li>" for a in alerts) + "</ul>")
+    else:
+        parts.append(f'<p class="note">No alerts (checked at {len(run.steps)} probe(s)).</p>')
+    parts.append(f'</div><div class="box"><h2>Best layer</h2><p>{best_layer_summary(run)}</p></div>')
+    links = [("heatmaps", "heatmaps"), ("profiles", "depth profiles"), ("trajectories", "trajectories")]
+    links += [("cka", "which layers are changing")] if names.CKA_TO_FIRST in metrics else []
+    links += [("best-layer", "best layer")] if names.BEST_LAYER in drawn else []
+    links += [(key, text) for key, text in (("histograms", "prompt entropy histograms"),
+                                            ("sinks", "compression or sink?")) if key in drawn or
+              (key == "histograms" and "prompt_entropy_histograms" in drawn)]
+    links.append(("numbers", "numbers"))
+    parts.append('<div class="box"><h2>Contents</h2>' + page.nav(links))
+    parts.append(page.nav([(f"metric-{m}", m) for m in metrics]) + "</div>")
+    if "prompt_entropy_histograms" not in drawn:
+        parts.append('<p class="note">This run has no per-prompt prompt entropy values, so no histograms.</p>')
+    settings = run.records[-1].settings if run.records else {}
+    parts.append('<details class="box"><summary>Settings</summary>')
+    parts.append(page.settings_table(["value"], [settings]) + "</details></aside>")
+    return parts
+
+
+def _header(run: "Run", run_dir: Path) -> list[str]:
+    steps = [int(s) for s in run.steps]
+    return [
+        "<h1>layerwatch report</h1>",
+        f'<p class="meta">Run <code>{page.escape(str(run_dir))}</code>: {len(steps)} probed step(s) ({steps[0]} to '
+        f"{steps[-1]}), layers {run.layers[0]} to {run.layers[-1]} (0 = embeddings). {page.generated()}</p>",
+    ]
+
+
+def _picture(drawn: dict[str, Path], key: str, alt: str, css: str = "wide") -> str:
+    return page.image_tag(page.data_uri(drawn[key]), alt, css=css) if key in drawn else ""
+
+
+def _heatmap_sections(drawn: dict[str, Path], metrics: Sequence[str]) -> list[str]:
+    esc, parts = page.escape, []
+    for metric in metrics:
+        note = registry.describe(metric) if metric in registry.all_metrics() else ""
+        extra = "" if metric in (names.CKA_TO_PREVIOUS, names.CKA_TO_FIRST) else METRIC_NOTES.get(metric, "")
+        parts.append(f'<h3 id="metric-{esc(metric)}">{esc(metric)}</h3><p class="note">{esc(note)} {esc(extra)}</p>')
+        parts.append(_picture(drawn, f"heatmap_{metric}", f"{metric}: layer x step heatmap"))
+    return parts
+
+
+def _best_layer_section(run: "Run", drawn: dict[str, Path]) -> list[str]:
+    best = best_layers(run)
+    if best is None or names.BEST_LAYER not in drawn:
+        return []
+    cells = "".join(f"<tr><th>{int(step)}</th><td>{page.DASH if not np.isfinite(b) else int(b)}</td></tr>"
+                    for step, b in zip(run.steps, best))
+    return [
+        f'<h2 id="best-layer">Best layer</h2><p class="note">{page.escape(BEST_LAYER_EXPLANATION)}</p>',
+        _picture(drawn, names.BEST_LAYER, f"{names.BEST_LAYER} over training", css=""),
+        '<details><summary>best layer per step</summary><table class="numbers"><thead><tr><th>step</th>'
+        f"<th>best layer</th></tr></thead>{cells}</table></details>",
+    ]
+
+
+def plot_best_layer(run: "Run", path: Path, *, dpi: int = 110) -> Path | None:
+    """The best layer over training (a step line), None when the run has no ``best_layer``."""
+    best = best_layers(run)
+    if best is None or not np.isfinite(best).any():
+        return None
+    figure = images_module.new_figure(7.0, 2.6)
+    axes = figure.add_subplot()
+    axes.plot(np.asarray(run.steps), best, drawstyle="steps-post", marker="*", ms=9, color="#08306b")
+    images_module.set_step_scale(axes, run.steps)
+    axes.set_ylim(min(run.layers) - 0.5, max(run.layers) + 0.5)
+    axes.set_xlabel("step")
+    axes.set_ylabel("best layer")
+    axes.set_title(f"{names.BEST_LAYER}: the layer with the highest {names.PROBE_ACCURACY}")
+    axes.grid(alpha=0.3)
+    return _save(figure, path, dpi)
+
+
+def _details(run: "Run", drawn: dict[str, Path], metrics: Sequence[str]) -> list[str]:
+    esc = page.escape
+    banded = any(stderr_of(run, m) is not None for m in metrics)
+    bands = (" Shaded bands: \u00b12 standard errors (about a 95% interval) recorded with each probe."
+             if banded else " The run recorded no standard errors, so there are no bands.")
+    cka = [m for m in metrics if m in (names.CKA_TO_PREVIOUS, names.CKA_TO_FIRST)]
+    parts = ['<h2 id="heatmaps">Layer x step heatmaps</h2>']
+    parts += _heatmap_sections(drawn, [m for m in metrics if m not in cka])
+    if cka:
+        parts.append(f'<h2 id="cka">Which layers are changing</h2><p class="note">{esc(CKA_EXPLANATION)}</p>')
+        parts += _heatmap_sections(drawn, cka)
+    parts += _best_layer_section(run, drawn)
+    parts.append(f'<h2 id="profiles">Depth profiles</h2><p class="note">Each metric across depth at the first, '
+                 f"middle and last probed steps.{bands}</p>")
+    parts.append(_picture(drawn, "depth_profiles", "depth profiles at the first, middle and last steps"))
+    parts.append(f'<h2 id="trajectories">Trajectories</h2><p class="note">Each metric over training, one line per '
+                 f"layer, light (shallow) to dark (deep).{bands}</p>")
+    parts.append(_picture(drawn, "trajectories", "metrics over steps, one line per layer"))
+    if "prompt_entropy_histograms" in drawn:
+        parts.append('<h2 id="histograms">Per-prompt prompt entropy</h2><p class="note">Histograms at the last '
+                     "probed step. The papers found two modes in some intermediate layers of trained Transformers "
+                     "(bimodality coefficient above 5/9, in red).</p>")
+        parts.append(_picture(drawn, "prompt_entropy_histograms", "per-layer histograms of per-prompt entropy"))
+    if "sinks" in drawn:
+        parts.append(f'<h2 id="sinks">Compression or attention sink?</h2><p class="note">{esc(SINK_EXPLANATION)}</p>')
+        parts.append(_picture(drawn, "sinks", "prompt entropy with and without sinks beside massive_activation"))
+    return parts
 
 
 def table_steps(steps: Sequence[int], most: int = 12) -> list[int]:
     """The steps shown in the tables: all of them, or ``most`` evenly spread ones including the first and last."""
     steps = [int(s) for s in steps]
-    return [steps[i] for i in _tick_positions(len(steps), most)]
+    return [steps[i] for i in images_module.tick_positions(len(steps), most)]
 
 
-def _metric_table(run: "Run", metric: str) -> str:
+def metric_table(run: "Run", metric: str) -> str:
+    """A metric's values, one row per layer and one column per shown step, then ``last - first``."""
     steps = [int(s) for s in run.steps]
     shown = table_steps(steps)
     values = np.asarray(run.metric(metric), dtype=np.float64)
+    scale = page.scale_of(values)
     head = "".join(f"<th>{s}</th>" for s in shown)
     change_head = "<th>last &minus; first</th>" if len(steps) > 1 else ""
-    lines = [f'<table class="numbers"><thead><tr><th>layer \\ step</th>{head}{change_head}</tr></thead><tbody>']
+    lines = [f'<div class="scroll"><table class="numbers"><thead><tr><th>layer \\ step</th>{head}{change_head}'
+             "</tr></thead><tbody>"]
     for index, layer in enumerate(run.layers):
-        cells = "".join(f"<td>{_cell(values[steps.index(s), index])}</td>" for s in shown)
+        cells = "".join(page.cell(values[steps.index(s), index], scale=scale) for s in shown)
         if len(steps) > 1:
-            cells += f"<td>{_cell(values[-1, index] - values[0, index])}</td>"
+            cells += page.cell(values[-1, index] - values[0, index], scale=scale)
         lines.append(f"<tr><th>{layer}</th>{cells}</tr>")
-    lines.append("</tbody></table>")
+    lines.append("</tbody></table></div>")
     if len(shown) < len(steps):
         lines.append(f'<p class="note">{len(shown)} of {len(steps)} steps shown.</p>')
     return "\n".join(lines)
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
-       color: #222; padding: 0 1em; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-.meta { color: #555; } .note { color: #666; font-size: 0.9em; }
-img { max-width: 100%; border: 1px solid #eee; }
-table.numbers { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-table.numbers th, table.numbers td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; }
-table.numbers thead th { background: #f3f3f3; }
-.alerts li { color: #a33; }
-nav a { margin-right: 1em; }
-"""
-
-
-def render_html(run: "Run", run_dir: Path, images: dict[str, Path], metrics: Sequence[str]) -> str:
-    """The report page: run facts, alerts, every picture inline, and one table of numbers per metric."""
-    steps = [int(s) for s in run.steps]
-    settings = run.records[-1].settings if run.records else {}
-    alerts = [f"step {record.step}: {alert}" for record in run.records for alert in record.alerts]
-    esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>layerwatch report: {esc(str(run_dir))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>layerwatch report</h1>",
-        f'<p class="meta">Run <code>{esc(str(run_dir))}</code>: {len(steps)} probed step(s) '
-        f"({steps[0]} to {steps[-1]}), layers {run.layers[0]} to {run.layers[-1]} (0 = embeddings). "
-        f"Generated {esc(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}.</p>",
-        '<nav><a href="#heatmaps">heatmaps</a><a href="#profiles">depth profiles</a>'
-        '<a href="#trajectories">trajectories</a><a href="#histograms">prompt entropy histograms</a>'
-        '<a href="#numbers">numbers</a></nav>',
-    ]
-    if settings:
-        def value(v: Any) -> str:
-            return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-        shown = "; ".join(f"{esc(str(k))} = {esc(value(v))}" for k, v in sorted(settings.items()))
-        parts.append(f'<p class="meta">Settings: {shown}</p>')
-    if alerts:
-        parts.append("<h2>Alerts</h2><ul class=\"alerts\">")
-        parts.extend(f"<li>{esc(a)}</li>" for a in alerts)
-        parts.append("</ul>")
-
-    def image(key: str, alt: str) -> None:
-        path = images.get(key)
-        if path is not None:
-            parts.append(f'<p><img src="{_data_uri(path)}" alt="{esc(alt)}"></p>')
-
-    parts.append('<h2 id="heatmaps">Layer x step heatmaps</h2>')
+def render_html(run: "Run", run_dir: Path, drawn: dict[str, Path], metrics: Sequence[str]) -> str:
+    """The report page: the overview (small multiples, alerts, best layer) on the first screen, then the pictures
+    at the page's width, then one table of numbers per metric (folded)."""
+    parts = page.page_head(f"layerwatch report: {run_dir}", extra_css=REPORT_CSS)
+    parts += _header(run, run_dir)
+    parts.append('<div class="top"><div>')
+    parts.append(_picture(drawn, "overview", "every metric as a small layer x step heatmap", css="overview"))
+    parts.append("</div>")
+    parts += _aside(run, drawn, metrics)
+    parts.append("</div>")
+    parts += _details(run, drawn, metrics)
+    parts.append('<h2 id="numbers">Numbers</h2><p class="note">Significant digits: 3; a value below a '
+                 "ten-thousandth of its table's largest reads as 0. Click a metric to open its table.</p>")
     for metric in metrics:
-        parts.append(f"<h3>{esc(metric)}</h3><p class=\"note\">{esc(registry.describe(metric))}</p>")
-        image(f"heatmap_{metric}", f"{metric}: layer x step heatmap")
-    parts.append('<h2 id="profiles">Depth profiles</h2>')
-    image("depth_profiles", "depth profiles at the first, middle and last steps")
-    parts.append('<h2 id="trajectories">Trajectories</h2>')
-    image("trajectories", "metrics over steps, one line per layer")
-    parts.append('<h2 id="histograms">Per-prompt prompt entropy</h2>')
-    if "prompt_entropy_histograms" in images:
-        parts.append(
-            '<p class="note">Histograms at the last probed step. The papers found two modes in some intermediate '
-            "layers of trained Transformers (bimodality coefficient above 5/9).</p>"
-        )
-        image("prompt_entropy_histograms", "per-layer histograms of per-prompt prompt entropy")
-    else:
-        parts.append('<p class="note">This run has no per-prompt prompt entropy values.</p>')
-    parts.extend(_beyond_sections(run, metrics))
-    parts.append('<h2 id="numbers">Numbers</h2>')
-    for metric in metrics:
-        parts.append(f"<h3>{esc(metric)}</h3>")
-        parts.append(_metric_table(run, metric))
+        parts.append(f"<details><summary>{page.escape(metric)}</summary>{metric_table(run, metric)}</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-SINK_EXPLANATION = (
-    "How to read massive_activation next to prompt_entropy (compression or attention sink?). massive_activation is a "
-    "layer's largest token norm over its median token norm, per prompt. Ordinary layers sit between about 1 and 3. "
-    "Far above 10, one token (usually the first) carries a massive activation, the signature of an attention sink. "
-    "Such a token dominates the mean that normalization subtracts, so every other token looks alike and prompt "
-    "entropy drops to near zero even though the tokens are not compressed. prompt_entropy_without_sinks leaves out "
-    "tokens above 10 times their prompt's median norm. If prompt_entropy is low but the sink-free value is high, you "
-    "are looking at a sink. If both are low, the layer really compresses its tokens. Where there is no sink, the two "
-    "entropies are equal."
-)
-BEST_LAYER_EXPLANATION = (
-    "probe_accuracy is the 5-fold cross-validated accuracy of a ridge classifier of the probe's labels on each "
-    "layer's mean-pooled embeddings; chance is about 1 / number of classes. best_layer is the layer with the highest "
-    "accuracy, the earliest on ties. It is marked with a star on the probe_accuracy heatmap and depth profile."
-)
-CKA_EXPLANATION = (
-    "cka_to_previous and cka_to_first are linear CKA between a layer's pooled embeddings now and at the previous "
-    "probe, or at the run's first probe. 1 means nothing moved, up to rotation and scale; lower means the layer is "
-    "being reshaped. With few prompts and wide layers, unrelated embeddings still score well above 0 (about D / (M + D) "
-    "for random ones), so compare layers and steps with each other rather than with 0."
-)
-
-
-def _beyond_sections(run: "Run", metrics: Sequence[str]) -> list[str]:
-    """The explanations (and best-layer table) of the SPEC §7 metrics the report shows."""
-    esc = html.escape
-    parts: list[str] = []
-    best = best_layers(run)
-    if BEST_LAYER_METRIC in metrics and best is not None:
-        parts.append(f'<h2 id="best-layer">Best layer</h2><p class="note">{esc(BEST_LAYER_EXPLANATION)}</p>')
-        cells = "".join(
-            f"<tr><th>{int(step)}</th><td>{'nan' if not np.isfinite(b) else int(b)}</td></tr>"
-            for step, b in zip(run.steps, best)
-        )
-        parts.append(f'<table class="numbers"><thead><tr><th>step</th><th>best layer</th></tr></thead>{cells}</table>')
-    if "cka_to_previous" in metrics or "cka_to_first" in metrics:
-        parts.append(f'<h2 id="cka">Which layers are changing</h2><p class="note">{esc(CKA_EXPLANATION)}</p>')
-    if "massive_activation" in metrics:
-        parts.append(f'<h2 id="sinks">Compression or attention sink?</h2><p class="note">{esc(SINK_EXPLANATION)}</p>')
-    return parts
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Entry points
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def make_report(
-    run_dir: str | Path,
-    *,
-    out: str | Path | None = None,
-    metrics: Sequence[str] | None = None,
-    dpi: int = 110,
-) -> Report:
-    """Write the PNG pictures and the HTML page of the run in ``run_dir``.
-
-    Args:
-        run_dir: a layerwatch run directory (holding ``layerwatch.jsonl``).
-        out: where ``report.html`` and the ``report/`` image folder go (default: ``run_dir``).
-        metrics: the metrics to draw (default: every metric the run has, minus all-NaN ones).
-        dpi: image resolution.
-
-    Raises:
-        ReportError: no run in ``run_dir``, an unknown metric, or matplotlib missing.
-    """
-    _require_matplotlib()
-    run_dir = Path(run_dir)
-    run = _read(run_dir)
-    names = ordered_metrics(run)
-    if metrics:
-        unknown = [m for m in metrics if m not in run.metrics]
-        if unknown:
-            raise ReportError(
-                f"the run has no metric {', '.join(unknown)}; it has {', '.join(run.metrics)}"
-            )
-        names = list(metrics)
-    if not names:
-        raise ReportError(f"the run in {run_dir} has no finite metric values to draw")
-    out_dir = Path(out) if out is not None else run_dir
-    image_dir = out_dir / IMAGE_DIR
-    images: dict[str, Path] = {}
-    for metric in names:
-        key = f"heatmap_{metric}"
-        images[key] = plot_heatmap(run, metric, image_path(image_dir, key, images.values()), dpi=dpi)
-    images["depth_profiles"] = plot_depth_profiles(run, names, image_path(image_dir, "depth_profiles"), dpi=dpi)
-    images["trajectories"] = plot_trajectories(run, names, image_path(image_dir, "trajectories"), dpi=dpi)
-    histograms = plot_prompt_entropy_histograms(run, image_path(image_dir, "prompt_entropy_histograms"), dpi=dpi)
-    if histograms is not None:
-        images["prompt_entropy_histograms"] = histograms
-    page = out_dir / HTML_NAME
-    page.write_text(render_html(run, run_dir, images, names), encoding="utf-8")
-    return Report(html=page, images=images)
-
-
+# ------------------------------------------------------------------------------------------------ entry point
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -474,8 +588,8 @@ def image_path(image_dir: Path, key: str, taken: Iterable[Path] = ()) -> Path:
     """The PNG path of picture ``key`` inside ``image_dir``.
 
     Metric names come from the run's data, so they never choose a path: the file name is ``key`` reduced to
-    letters, digits, ``_`` and ``-`` (a suffix keeps two names apart), and the resolved path must lie inside
-    ``image_dir`` (ReportError otherwise).
+    letters, digits, ``_`` and ``-`` (a suffix keeps two names apart). The file is written atomically, so a link
+    planted at that name is replaced, not followed.
     """
     slug = _UNSAFE_NAME_CHARACTERS.sub("_", key).strip("_")[:100] or "metric"
     taken_names = {p.name for p in taken}
@@ -483,76 +597,82 @@ def image_path(image_dir: Path, key: str, taken: Iterable[Path] = ()) -> Path:
     while path.name in taken_names:
         count += 1
         path = image_dir / f"{slug}_{count}.png"
-    inside = path.resolve().is_relative_to(image_dir.resolve())  # resolve() follows links planted in the folder
-    if not inside or not image_dir.resolve().is_relative_to(image_dir.parent.resolve()):
-        raise ReportError(f"refusing to write {path}: it resolves outside the report folder {image_dir}")
     return path
 
 
-def _read(run_dir: Path) -> "Run":
-    from layerwatch.rundir.runs import SeveralRunsError, read_run
-
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir} is not a folder")
-    try:
-        run = read_run(run_dir)
-    except SeveralRunsError as error:
-        raise ReportError(str(error)) from error
-    except (FileNotFoundError, ValueError) as error:
-        raise ReportError(f"no layerwatch run in {run_dir}: {error}") from error
-    if len(run.steps) == 0:
-        raise ReportError(f"the run in {run_dir} has no records yet")
-    return run
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``layerwatch report`` arguments to ``parser``."""
-    parser.description = (
-        "Draw a run as PNG pictures (heatmaps, depth profiles, histograms) and one HTML page; with several run "
-        "directories, write one HTML page comparing them (the first is the reference)."
-    )
-    parser.add_argument(
-        "run_dir", metavar="RUN_DIR", nargs="+", help="a layerwatch run directory (holding layerwatch.jsonl); "
-        "give two or more to compare runs"
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", help="where report.html and report/ go (default: RUN_DIR); when comparing, the HTML "
-        "file or its folder (default: ./layerwatch-comparison.html)"
-    )
-    parser.add_argument(
-        "--allow-different-probes", action="store_true",
-        help="compare runs probed with different prompts anyway (flagged in red; refused by default)",
-    )
-    parser.add_argument("--metrics", help="comma-separated metrics to draw (default: all the run has)")
-    parser.add_argument("--dpi", type=int, default=110, help="image resolution (default 110)")
+def choose_metrics(run: "Run", metrics: str | Sequence[str] | None) -> list[str]:
+    """The metrics to draw: all the run has (``None``), a preset's that the run has (a preset name), or exactly
+    ``metrics`` (each must be in the run)."""
+    available = ordered_metrics(run)
+    if isinstance(metrics, str) and metrics in registry.PRESETS:
+        wanted = set(registry.resolve_metrics(metrics)[1])
+        return [m for m in available if m in wanted]
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    if not metrics:
+        return available
+    unknown = [m for m in metrics if m not in run.metrics]
+    if unknown:
+        raise ReportError(f"the run has no metric {', '.join(unknown)}; it has {', '.join(run.metrics)}")
+    return list(dict.fromkeys(metrics))
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run ``layerwatch report``; returns the exit code (0 ok, 2 user error)."""
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    try:
-        if len(args.run_dir) > 1:
-            from layerwatch.analysis import compare
-
-            comparison = compare.make_comparison(
-                args.run_dir, out=args.out, metrics=metrics, dpi=args.dpi,
-                allow_different_probes=args.allow_different_probes,
-            )
-            print(compare.describe(comparison))
-            return 0
-        report = make_report(args.run_dir[0], out=args.out, metrics=metrics, dpi=args.dpi)
-    except ReportError as error:
-        print(f"layerwatch report: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {report.html} and {len(report.images)} picture(s) in {report.html.parent / IMAGE_DIR}")
-    return 0
-
-
-def _standalone(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="layerwatch report")
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+def draw_all(run: "Run", chosen: Sequence[str], image_dir: Path, dpi: int) -> dict[str, Path]:
+    """Every picture of the report, keyed ``overview``, ``heatmap_<metric>``, ``depth_profiles``, ..."""
+    drawn: dict[str, Path] = {"overview": plot_overview(run, chosen, image_path(image_dir, "overview"), dpi=dpi)}
+    for metric in chosen:
+        key = f"heatmap_{metric}"
+        drawn[key] = plot_heatmap(run, metric, image_path(image_dir, key, drawn.values()), dpi=dpi)
+    drawn["depth_profiles"] = plot_depth_profiles(run, chosen, image_path(image_dir, "depth_profiles"), dpi=dpi)
+    drawn["trajectories"] = plot_trajectories(run, chosen, image_path(image_dir, "trajectories"), dpi=dpi)
+    optional = {
+        "prompt_entropy_histograms": lambda path: plot_prompt_entropy_histograms(run, path, dpi=dpi),
+        "sinks": lambda path: plot_sinks(run, path, dpi=dpi) if names.MASSIVE_ACTIVATION in chosen else None,
+        names.BEST_LAYER: lambda path: plot_best_layer(run, path, dpi=dpi) if BEST_LAYER_METRIC in chosen else None,
+    }
+    for key, draw in optional.items():
+        picture = draw(image_path(image_dir, key, drawn.values()))
+        if picture is not None:
+            drawn[key] = picture
+    return drawn
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_standalone())
+def make_report(
+    run_dir: str | Path,
+    *,
+    out: str | Path | None = None,
+    metrics: str | Sequence[str] | None = None,
+    dpi: int = 110,
+) -> Report:
+    """Write the PNG pictures and the HTML page of the run in ``run_dir``.
+
+    Args:
+        run_dir: a layerwatch run directory (holding ``layerwatch.jsonl``).
+        out: where ``report.html`` and the ``report/`` image folder go (default: ``run_dir``).
+        metrics: the metrics to draw: a list of names, or a preset name (default: every metric the run has, minus
+            all-NaN ones).
+        dpi: image resolution.
+
+    Raises:
+        ReportError: no run in ``run_dir``, an unknown metric, matplotlib missing, or a ``report/`` folder that is
+            a symbolic link.
+    """
+    require_matplotlib()
+    run_dir = Path(run_dir)
+    run = read_one_run(run_dir)
+    chosen = choose_metrics(run, metrics)
+    if not chosen:
+        raise ReportError(f"the run in {run_dir} has no finite metric values to draw")
+    out_dir = Path(out) if out is not None else run_dir
+    image_dir = out_dir / IMAGE_DIR
+    check_folder(image_dir, out_dir)
+    drawn = draw_all(run, chosen, image_dir, dpi)
+    html_file = write_file(out_dir / HTML_NAME, render_html(run, run_dir, drawn, chosen))
+    return Report(html=html_file, images=drawn)
+
+
+__all__ = [
+    "Report", "ReportError", "make_report", "ordered_metrics", "best_layers", "stderr_of", "profile_steps",
+    "plot_overview", "plot_heatmap", "plot_depth_profiles", "plot_trajectories", "plot_prompt_entropy_histograms",
+    "plot_sinks", "image_path", "choose_metrics", "IMAGE_DIR", "HTML_NAME",
+]

@@ -1,4 +1,5 @@
-"""Public checkpoint suites: ``layerwatch trajectory ORG/NAME --revisions step1000,step2000,...`` (SPEC §7).
+"""Public checkpoint suites: ``layerwatch trajectory ORG/NAME --revisions step1000,step2000,...`` (SPEC §7); the
+engine (its command line is :mod:`layerwatch.cli.trajectory`).
 
 Suites such as Pythia, OLMo and LLM360 publish one model per training step as revisions (branches) of one Hub
 repository. Each revision is resolved to its snapshot folder through ``huggingface_hub`` (the normal cache,
@@ -14,7 +15,9 @@ choose another), or the probe of an existing run in ``--out``. Every revision is
 run are not even resolved), each model is freed before the next one loads, and ``--device``/``--dtype`` apply.
 
 A revision that is missing (not on the Hub, or not in the cache when offline) or that has only pickle weights is
-reported by name and skipped; the command then exits with :data:`EXIT_SKIPPED` instead of 0. Example::
+reported by name and skipped; the command then exits with :data:`EXIT_SKIPPED` instead of 0. A revision name is a
+branch, tag or commit, never a path: a name with a ``..`` part or an absolute path is refused, and in a local cache
+folder the snapshot it names must lie inside that folder. Example::
 
     HF_HUB_OFFLINE=1 layerwatch trajectory EleutherAI/pythia-160m --revisions step1000,step2000 \\
         --texts prompts.txt --out runs/pythia-160m
@@ -22,31 +25,24 @@ reported by name and skipped; the command then exits with :data:`EXIT_SKIPPED` i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import re
-import sys
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from layerwatch.analysis.trajectory import (
     Checkpoint,
     TrajectoryError,
-    _parse_metrics,
     check_weights,
     completed_steps,
     load_tokenizer,
-    read_texts,
     run_trajectory,
-    summary_table,
+    texts_probe,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from layerwatch.probe import Probe
-    from layerwatch.rundir.runs import Run
+from layerwatch.probe import Probe
+from layerwatch.rundir.runs import Run, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +83,8 @@ def read_revisions(path: str | Path) -> list[str]:
     """Revision names from a file: one per line; blank lines and ``#`` comments are ignored."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise TrajectoryError(f"cannot read --revisions-file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrajectoryError(f"cannot read --revisions-file {path}: {error}; give a readable UTF-8 file") from error
     return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
 
@@ -111,7 +107,7 @@ def plan_revisions(names: Sequence[str], steps: Sequence[int] | None = None) -> 
                 f"cannot tell the step of revision {name!r}: name it step<N> (as Pythia, OLMo and LLM360 do) or pass "
                 "--steps with one step per revision"
             )
-        revisions.append(Revision(name, int(step)))
+        revisions.append(Revision(check_revision_name(name), int(step)))
     by_step: dict[int, Revision] = {}
     for revision in revisions:
         other = by_step.setdefault(revision.step, revision)
@@ -120,9 +116,43 @@ def plan_revisions(names: Sequence[str], steps: Sequence[int] | None = None) -> 
     return [by_step[s] for s in sorted(by_step)]
 
 
+def check_revision_name(name: str) -> str:
+    """``name`` if it can be a revision (a branch, tag or commit such as ``step1000`` or ``refs/pr/1``).
+
+    Raises:
+        TrajectoryError: a name with a ``..`` part, an absolute path (``/x``, ``C:\\x``), a backslash or a NUL:
+            a revision never walks out of the model's cache folder.
+    """
+    if not name or "\x00" in name or "\\" in name:
+        raise TrajectoryError(f"revision {name!r} is not a branch, tag or commit name; give one such as step1000")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts:
+        raise TrajectoryError(
+            f"revision {name!r} is a path, not a branch, tag or commit name (no '..' parts, no absolute paths); "
+            "give a name such as step1000"
+        )
+    return name
+
+
 def _is_cache_folder(repo: str) -> bool:
     path = Path(repo)
     return path.is_dir() and (path / "snapshots").is_dir()
+
+
+def _cache_snapshot(root: Path, revision: str) -> Path:
+    """The snapshot folder of ``revision`` in the local cache folder ``root``, which it must not leave."""
+    ref = root / "refs" / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    snapshots = (root / "snapshots").resolve()
+    folder = root / "snapshots" / commit
+    if ".." in PurePosixPath(commit).parts or folder.resolve().parent != snapshots:
+        raise TrajectoryError(
+            f"revision {revision!r} of {root} points outside its snapshots/ folder ({folder}); a revision must "
+            f"resolve inside the model's cache folder"
+        )
+    if not folder.is_dir():
+        raise RevisionUnavailable(f"not in {root} (no refs/{revision} and no snapshots/{revision})")
+    return folder
 
 
 def resolve_revision(repo: str, revision: str) -> Path:
@@ -133,25 +163,24 @@ def resolve_revision(repo: str, revision: str) -> Path:
 
     Raises:
         RevisionUnavailable: the revision is not in the repository or, offline, not in the cache.
+        TrajectoryError: the name is a path (:func:`check_revision_name`), or it resolves outside the cache folder.
     """
+    check_revision_name(revision)
     if _is_cache_folder(repo):
-        root = Path(repo)
-        ref = root / "refs" / revision
-        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
-        folder = root / "snapshots" / commit
-        if not folder.is_dir():
-            raise RevisionUnavailable(f"not in {root} (no refs/{revision} and no snapshots/{revision})")
-        return folder
+        return _cache_snapshot(Path(repo), revision)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(ALLOW_PATTERNS)))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=list(ALLOW_PATTERNS)))
     except Exception as error:  # noqa: BLE001 - not found, offline and not cached, gated, Hub down: all skip it
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise RevisionUnavailable(f"cannot be fetched ({type(error).__name__}: {first_line})") from error
+    if folder.parent.name != "snapshots":
+        raise TrajectoryError(f"revision {revision!r} of {repo} resolved to {folder}, outside the cache's snapshots/")
+    return folder
 
 
-def _revision_checkpoint(repo: str, revision: Revision) -> Checkpoint:
+def revision_checkpoint(repo: str, revision: Revision) -> Checkpoint:
     """Resolve one revision and check it has safetensors weights; RevisionUnavailable otherwise."""
     folder = resolve_revision(repo, revision.name)
     checkpoint = Checkpoint(folder, revision.step)
@@ -162,23 +191,25 @@ def _revision_checkpoint(repo: str, revision: Revision) -> Checkpoint:
     return checkpoint
 
 
-def _texts_probe(texts: str, tokenizer: str | None, folder: Path, options: dict[str, Any]) -> "Probe":
-    """A probe from a text file, tokenized with ``tokenizer`` (a folder or Hub id) or the revision's own."""
-    from layerwatch.probe import Probe
+def probe_builder(
+    texts: Sequence[str], tokenizer: str | None, *, labels: Sequence[str] | None = None, **options: Any
+) -> Callable[[Path], Probe]:
+    """A function building the probe from ``texts`` (and ``labels``) with ``tokenizer`` (a folder or Hub id), or
+    with the tokenizer of the snapshot folder it is given; ``options`` go to :meth:`layerwatch.Probe.from_texts`."""
 
-    if tokenizer is None:
-        tok = load_tokenizer([folder])
-    else:
-        import transformers
+    def build(folder: Path) -> Probe:
+        if tokenizer is None:
+            tok = load_tokenizer([folder])
+        else:
+            import transformers
 
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
-        except Exception as error:  # noqa: BLE001 - the message matters
-            raise TrajectoryError(f"cannot load --tokenizer {tokenizer}: {error}") from error
-    try:
-        return Probe.from_texts(read_texts(texts), tok, **options)
-    except ValueError as error:
-        raise TrajectoryError(f"cannot build a probe from --texts {texts}: {error}") from error
+            try:
+                tok = transformers.AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
+            except Exception as error:  # noqa: BLE001 - the message matters
+                raise TrajectoryError(f"cannot load --tokenizer {tokenizer}: {error}") from error
+        return texts_probe(texts, tok, labels=labels, **options)
+
+    return build
 
 
 def run_revisions(
@@ -186,10 +217,10 @@ def run_revisions(
     revisions: Sequence[Revision],
     *,
     out: str | Path,
-    probe: "Probe | str | Path | Callable[[Path], Probe]",
+    probe: Probe | str | Path | Callable[[Path], Probe],
     on_revision: Callable[[Revision, dict[str, float]], None] | None = None,
     **options: Any,
-) -> tuple["Run | None", dict[str, str]]:
+) -> tuple[Run | None, dict[str, str]]:
     """Probe every revision not yet in the run at ``out``; return the run (None if nothing was ever probed) and
     the skipped revisions (name → reason).
 
@@ -209,7 +240,7 @@ def run_revisions(
             logger.debug("revision %s (step %d) is already in %s", revision.name, revision.step, out)
             continue
         try:
-            checkpoint = _revision_checkpoint(repo, revision)
+            checkpoint = revision_checkpoint(repo, revision)
         except RevisionUnavailable as error:
             logger.warning("revision %s of %s skipped: %s", revision.name, repo, error)
             skipped[revision.name] = str(error)
@@ -219,91 +250,23 @@ def run_revisions(
         report = None if on_revision is None else (lambda _c, timings, r=revision: on_revision(r, timings))
         run = run_trajectory([checkpoint], probe=probe, out=out, on_checkpoint=report, **options)
     if run is None and done:
-        from layerwatch.rundir.runs import read_run
-
         run = read_run(out)
     return run, skipped
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line (a branch of `layerwatch trajectory`)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--revisions`` and ``--revisions-file`` to the ``layerwatch trajectory`` parser."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--revisions",
-        metavar="R1,R2,...",
-        help="probe these revisions of the Hub repository ORG/NAME given as the one input (e.g. step1000,step2000); "
-        "the step comes from the name (step<N>) or --steps",
-    )
-    group.add_argument("--revisions-file", metavar="FILE", help="like --revisions, one revision per line")
-
-
-def wants_revisions(args: argparse.Namespace) -> bool:
-    """Whether the parsed ``layerwatch trajectory`` arguments ask for Hub revisions."""
-    return bool(getattr(args, "revisions", None) or getattr(args, "revisions_file", None))
-
-
-def _default_out(repo: str) -> Path:
+def default_out(repo: str) -> Path:
+    """The run directory of a revisions replay when ``--out`` is not given: ``layerwatch-trajectory-<NAME>``."""
     name = Path(repo).name if _is_cache_folder(repo) else repo.replace("/", "--")
     return Path(f"layerwatch-trajectory-{name.removeprefix('models--')}")
 
 
-def _probe_source(args: argparse.Namespace, out: Path) -> "Probe | Path | Callable[[Path], Probe]":
-    if args.probe:
-        return Path(args.probe)
-    if args.texts:
-        options = {"max_length": args.max_length, "num_prompts": args.num_prompts, "seed": args.seed}
-        return lambda folder: _texts_probe(args.texts, args.tokenizer, folder, options)
-    from layerwatch.rundir.files import PROBE_FILENAME
-
-    if (out / PROBE_FILENAME).is_file():
-        return out / PROBE_FILENAME
-    raise TrajectoryError("no probe: pass --probe PROBE (a saved probe) or --texts FILE (one prompt per line)")
-
-
-def main(args: argparse.Namespace) -> int:
-    """``layerwatch trajectory ORG/NAME --revisions ...``: 0 when all were probed, :data:`EXIT_SKIPPED` when some
-    were skipped, 2 on a user error."""
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    try:
-        if len(args.checkpoints) != 1:
-            raise TrajectoryError(f"--revisions takes one repository (ORG/NAME), got {len(args.checkpoints)} inputs")
-        if args.allow_pickle:
-            raise TrajectoryError("--allow-pickle does not apply to --revisions: Hub revisions load from safetensors only")
-        repo = str(args.checkpoints[0])
-        names = args.revisions.split(",") if args.revisions else read_revisions(args.revisions_file)
-        revisions = plan_revisions(names, args.steps)
-        out = Path(args.out) if args.out else _default_out(repo)
-        done = completed_steps(out)
-        say(f"layerwatch trajectory: {len(revisions)} revision(s) of {repo}; "
-            f"{sum(r.step in done for r in revisions)} already in {out}")
-        position = [0]
-
-        def progress(revision: Revision, timings: dict[str, float]) -> None:
-            position[0] += 1
-            say(f"[{position[0]}] revision {revision.name} (step {revision.step}): "
-                f"load {timings['load_s']:.1f} s, probe {timings['probe_s']:.1f} s")
-
-        started = time.perf_counter()
-        run, skipped = run_revisions(
-            repo, revisions, out=out, probe=_probe_source(args, out), on_revision=progress,
-            metrics=_parse_metrics(args.metrics), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-            alpha=args.alpha, tensorboard=not args.no_tensorboard,
-        )
-    except TrajectoryError as error:
-        print(f"layerwatch trajectory: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("layerwatch trajectory: interrupted; the revisions probed so far are kept", file=sys.stderr)
-        return 130
-    if run is not None and not args.quiet:
-        print(summary_table(run))
-        print(f"\nrun written to {out} ({len(run.steps)} step(s), {time.perf_counter() - started:.0f} s); view it with:")
-        print(f"  tensorboard --logdir {out}\n  layerwatch report {out}")
-    for name, reason in skipped.items():
-        print(f"layerwatch trajectory: skipped revision {name}: {reason}", file=sys.stderr)
-    return EXIT_SKIPPED if skipped else 0
+def first_available(repo: str, plan: Sequence[Revision]) -> Checkpoint:
+    """The checkpoint of the first revision of ``plan`` that can be probed (what a one-process replay builds its
+    probe from); TrajectoryError when none can."""
+    reasons = []
+    for revision in plan:
+        try:
+            return revision_checkpoint(repo, revision)
+        except RevisionUnavailable as error:
+            reasons.append(f"{revision.name}: {error}")
+    raise TrajectoryError(f"no revision of {repo} can be probed ({'; '.join(reasons)})")

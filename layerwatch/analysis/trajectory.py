@@ -1,4 +1,4 @@
-"""Probe saved checkpoints after training: ``layerwatch trajectory CHECKPOINT_DIR... --probe PROBE | --texts FILE``.
+"""The checkpoint replay engine behind ``layerwatch trajectory`` (its command line: :mod:`layerwatch.cli.trajectory`).
 
 Every checkpoint is loaded with transformers (from safetensors), probed with one fixed probe by the same monitor that
 runs during training (:class:`layerwatch.LayerWatch`: same capture, metrics and writers), and written as one run whose
@@ -6,15 +6,11 @@ step is the checkpoint's step. The run directory has the usual layout (``probe.s
 TensorBoard event files), so ``tensorboard --logdir``, :func:`layerwatch.read_run` and ``layerwatch report`` work on it.
 
 Inputs are either a Trainer ``output_dir`` (its ``checkpoint-<step>`` folders, sorted by step) or checkpoint folders
-named explicitly (the step comes from the folder name, else from ``trainer_state.json``, else from ``--steps``).
+named explicitly (the step comes from the folder name, else from ``trainer_state.json``, else from ``steps=``).
 
 Running it again on the same output folder skips the checkpoints already in the run, so an interrupted analysis
-resumes and a finished one picks up new checkpoints. Example::
-
-    layerwatch trajectory runs/my-model --probe runs/my-model/layerwatch/probe.safetensors
-    layerwatch report runs/my-model/layerwatch-trajectory
-
-From Python::
+resumes and a finished one picks up new checkpoints. Splitting a replay between processes or job-array shards is
+:mod:`layerwatch.analysis.shards`. From Python::
 
     from layerwatch.analysis.trajectory import run_trajectory
     run = run_trajectory(["runs/my-model"], probe="probe.safetensors", out="runs/traj")
@@ -22,7 +18,6 @@ From Python::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -32,17 +27,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+import torch
 
-    from layerwatch.monitor import LayerWatch
-    from layerwatch.probe import Probe
-    from layerwatch.rundir.runs import Run
-
-from layerwatch.rundir.runs import summary_table
+from layerwatch.analysis.summary import summary_table
+from layerwatch.metrics.registry import resolve_metrics
+from layerwatch.monitor import LayerWatch
+from layerwatch.probe import Probe
 from layerwatch.rundir.files import JSONL_NAME, PROBE_FILENAME
+from layerwatch.rundir.runs import Run, read_run
+
+__all__ = [
+    "Checkpoint", "TrajectoryError", "check_weights", "completed_steps", "discover_checkpoints", "free_memory",
+    "load_checkpoint", "load_tokenizer", "pickle_weight_files", "read_texts", "run_trajectory", "safe_weight_files",
+    "step_of", "summary_table", "texts_probe",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -271,9 +271,7 @@ def check_weights(checkpoint: Checkpoint, *, allow_pickle: bool = False) -> None
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _torch_dtype(name: str) -> "torch.dtype":
-    import torch
-
+def _torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise TrajectoryError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return getattr(torch, name)
@@ -292,12 +290,15 @@ def load_checkpoint(
     device: str = "cpu",
     dtype: str = "float32",
     allow_pickle: bool = False,
-) -> "torch.nn.Module":
+    device_map: str | None = None,
+) -> torch.nn.Module:
     """Load one checkpoint folder with transformers, in eval mode, on ``device``.
 
     Decoders load with ``AutoModelForCausalLM``; encoders (a config whose architectures are not causal LMs, or one
     the causal-LM auto class does not know) with ``AutoModel``. Safetensors weights are required unless
-    ``allow_pickle`` is True. Remote code is never executed.
+    ``allow_pickle`` is True. Remote code is never executed. ``device_map="auto"`` hands the placement to
+    accelerate's big-model loading (``from_pretrained(device_map="auto")``: the model is spread over the visible
+    devices, and ``device`` is not used).
 
     Raises:
         TrajectoryError: no weights, refused pickle weights, or transformers cannot load the folder.
@@ -311,6 +312,8 @@ def load_checkpoint(
     torch_dtype = _torch_dtype(dtype)
     # Refused pickles never reach here; with allow_pickle, transformers picks whichever weights it finds.
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message matters
@@ -320,29 +323,36 @@ def load_checkpoint(
         if _is_causal_lm(config)
         else [transformers.AutoModel]
     )
-    model = None
-    for auto_class in auto_classes:
-        try:
-            model = _from_pretrained(auto_class, checkpoint.path, config, torch_dtype, kwargs)
-            break
-        except ValueError as error:
-            # "Unrecognized configuration class ... for this kind of AutoModel": try the next (bare) class.
-            if "Unrecognized configuration class" in str(error) and auto_class is not auto_classes[-1]:
-                continue
-            raise TrajectoryError(
-                f"transformers cannot load the model in {checkpoint.path}: {type(error).__name__}: {error}"
-            ) from error
-        except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message matters
-            raise TrajectoryError(
-                f"transformers cannot load the model in {checkpoint.path}: {type(error).__name__}: {error}"
-            ) from error
-    assert model is not None
+    model = _load_first(auto_classes, checkpoint.path, config, torch_dtype, kwargs)
     model.eval()
+    if device_map is not None:
+        return model
     try:
         model.to(device)
     except Exception as error:  # noqa: BLE001 - bad device names, CUDA not available, out of memory
         raise TrajectoryError(f"cannot move the model to --device {device!r}: {error}") from error
     return model
+
+
+def _load_first(auto_classes: list[Any], path: Path, config: Any, torch_dtype: Any, kwargs: dict[str, Any]) -> Any:
+    """The model from the first auto class that knows ``config``; TrajectoryError if none can load it."""
+    for auto_class in auto_classes:
+        try:
+            return _from_pretrained(auto_class, path, config, torch_dtype, kwargs)
+        except ValueError as error:
+            # "Unrecognized configuration class ... for this kind of AutoModel": try the next (bare) class.
+            if "Unrecognized configuration class" in str(error) and auto_class is not auto_classes[-1]:
+                continue
+            raise TrajectoryError(
+                f"transformers cannot load the model in {path}: {type(error).__name__}: {error}"
+            ) from error
+        except ImportError as error:  # device_map needs accelerate
+            raise TrajectoryError(f"transformers cannot load the model in {path}: {error}") from error
+        except Exception as error:  # noqa: BLE001 - transformers raises many kinds; the message matters
+            raise TrajectoryError(
+                f"transformers cannot load the model in {path}: {type(error).__name__}: {error}"
+            ) from error
+    raise TrajectoryError(f"transformers cannot load the model in {path}")  # pragma: no cover - the loop returns
 
 
 def _from_pretrained(auto_class: Any, path: Path, config: Any, torch_dtype: Any, kwargs: dict[str, Any]) -> Any:
@@ -360,8 +370,6 @@ def free_memory() -> None:
     """Collect garbage and empty the CUDA cache, after the last reference to a model was dropped."""
     gc.collect()
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort
@@ -384,6 +392,22 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise TrajectoryError(f"--texts {path} has no non-empty lines")
     return texts
+
+
+def texts_probe(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    labels: Sequence[int | str] | None = None,
+    source: str = "--texts",
+    **options: Any,
+) -> Probe:
+    """:meth:`layerwatch.Probe.from_texts` (``options``: ``max_length``, ``num_prompts``, ``seed``...), with its
+    ValueError (too few usable texts, labels that cannot train a probe) as a TrajectoryError naming ``source``."""
+    try:
+        return Probe.from_texts(list(texts), tokenizer, labels=None if labels is None else list(labels), **options)
+    except ValueError as error:
+        raise TrajectoryError(f"cannot build a probe from {source}: {error}") from error
 
 
 def load_tokenizer(candidates: Sequence[Path]) -> Any:
@@ -412,17 +436,13 @@ def load_tokenizer(candidates: Sequence[Path]) -> Any:
 
 def _views_used(metrics: str | Sequence[str]) -> int:
     """The augmented views the metrics feed (what, with the prompts, defines a series)."""
-    from layerwatch.metrics.registry import resolve_metrics
-
     try:
         return resolve_metrics(metrics)[2]
     except ValueError as error:
         raise TrajectoryError(f"--metrics: {error}") from error
 
 
-def _load_probe_file(path: Path) -> "Probe":
-    from layerwatch.probe import Probe
-
+def _load_probe_file(path: Path) -> Probe:
     try:
         return Probe.load(path)
     except (OSError, ValueError) as error:
@@ -439,8 +459,6 @@ def completed_steps(out: str | Path) -> set[int]:
     out = Path(out)
     if not (out / JSONL_NAME).is_file():
         return set()
-    from layerwatch.rundir.runs import read_run
-
     try:
         return {int(s) for s in read_run(out).steps}
     except (FileNotFoundError, ValueError) as error:  # an empty or unreadable run: nothing to skip
@@ -448,16 +466,10 @@ def completed_steps(out: str | Path) -> set[int]:
         return set()
 
 
-def _parse_metrics(value: str) -> str | list[str]:
-    if "," in value:
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
 def run_trajectory(
     checkpoints: Sequence[str | Path] | Sequence[Checkpoint],
     *,
-    probe: "Probe | str | Path",
+    probe: Probe | str | Path,
     out: str | Path,
     metrics: str | Sequence[str] = "standard",
     device: str = "cpu",
@@ -469,7 +481,8 @@ def run_trajectory(
     steps: Sequence[int] | None = None,
     on_checkpoint: Callable[[Checkpoint, dict[str, float]], None] | None = None,
     progress: bool = False,
-) -> "Run":
+    device_map: str | None = None,
+) -> Run:
     """Probe every checkpoint not yet in the run at ``out`` and return the whole run.
 
     Args:
@@ -486,13 +499,11 @@ def run_trajectory(
         steps: explicit steps for explicit checkpoint folders (see :func:`discover_checkpoints`).
         on_checkpoint: called after each probed checkpoint with timings (``load_s``, ``probe_s``).
         progress: show a progress bar on stderr.
+        device_map: ``"auto"``: load each model with accelerate's big-model placement (``device`` is not used).
 
     Raises:
         TrajectoryError: see the command's documentation; records written before the error are kept.
     """
-    from layerwatch.monitor import LayerWatch
-    from layerwatch.rundir.runs import read_run
-
     if checkpoints and isinstance(checkpoints[0], Checkpoint):
         resolved = sorted(checkpoints, key=lambda c: c.step)  # type: ignore[arg-type, union-attr]
     else:
@@ -512,21 +523,25 @@ def run_trajectory(
     out.mkdir(parents=True, exist_ok=True)
     if done:
         _check_same_probe(out, probe_obj, _views_used(metrics))
+    load = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "device_map": device_map}
     if pending:
-        watch = LayerWatch(
-            probe_obj,
-            logdir=str(out),
-            metrics=metrics if isinstance(metrics, str) else list(metrics),
-            alpha=alpha,
-            batch_size=batch_size,
-            tensorboard=tensorboard,
-            jsonl=True,
-            strict=True,  # a failed probe raises: it is reported with its checkpoint
-        )
+        try:
+            watch = LayerWatch(
+                probe_obj,
+                logdir=str(out),
+                metrics=metrics if isinstance(metrics, str) else list(metrics),
+                alpha=alpha,
+                batch_size=batch_size,
+                tensorboard=tensorboard,
+                jsonl=True,
+                strict=True,  # a failed probe raises: it is reported with its checkpoint
+            )
+        except (ValueError, TypeError) as error:  # metrics this probe cannot take, a directory already written...
+            raise TrajectoryError(f"cannot start the monitor on {out}: {error}") from error
         bar = _progress_bar(len(pending), enabled=progress)
         try:
             for checkpoint in pending:
-                timings = _probe_checkpoint(watch, checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
+                timings = _probe_checkpoint(watch, checkpoint, load=load)
                 if on_checkpoint is not None:
                     on_checkpoint(checkpoint, timings)
                 bar.update(1)
@@ -536,7 +551,7 @@ def run_trajectory(
     return read_run(out)
 
 
-def _check_same_probe(out: Path, probe: "Probe", views: int) -> None:
+def _check_same_probe(out: Path, probe: Probe, views: int) -> None:
     """Refuse to add to a run measured with another probe: the prompts and the views these metrics use differ, not
     merely the file (its values would not be comparable)."""
     saved_probe = out / PROBE_FILENAME
@@ -548,12 +563,11 @@ def _check_same_probe(out: Path, probe: "Probe", views: int) -> None:
         )
 
 
-def _probe_checkpoint(
-    watch: "LayerWatch", checkpoint: Checkpoint, *, device: str, dtype: str, allow_pickle: bool
-) -> dict[str, float]:
-    """Load one checkpoint, probe it as its step (the model is released afterwards); returns the timings."""
+def _probe_checkpoint(watch: LayerWatch, checkpoint: Checkpoint, *, load: dict[str, Any]) -> dict[str, float]:
+    """Load one checkpoint (``load``: :func:`load_checkpoint`'s options), probe it as its step (the model is
+    released afterwards); returns the timings."""
     started = time.perf_counter()
-    model = load_checkpoint(checkpoint, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    model = load_checkpoint(checkpoint, **load)
     loaded = time.perf_counter()
     try:  # the monitor refuses, before any forward, a probe this model cannot take
         watch.run(model, checkpoint.step)
@@ -583,184 +597,3 @@ def _progress_bar(total: int, *, enabled: bool) -> Any:
     except ImportError:  # pragma: no cover - tqdm comes with transformers
         return _NoBar()
     return tqdm(total=total, unit="checkpoint", file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``layerwatch trajectory`` arguments to ``parser``."""
-    parser.description = (
-        "Probe saved checkpoints with one fixed probe and write them as one layerwatch run (step = checkpoint step)."
-    )
-    parser.add_argument(
-        "checkpoints",
-        nargs="+",
-        metavar="CHECKPOINT_DIR",
-        help="a Trainer output_dir (its checkpoint-<step> folders are used) or checkpoint folders; with --revisions, "
-        "one Hub repository ORG/NAME (or a local folder in the Hugging Face cache layout)",
-    )
-    from layerwatch.analysis import revisions
-
-    revisions.add_arguments(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--probe",
-        metavar="PROBE",
-        help="a saved probe (.safetensors), e.g. <output_dir>/layerwatch/probe.safetensors from the training run. "
-        "Default: the probe of an existing run in --out, else <input>/layerwatch/probe.safetensors",
-    )
-    source.add_argument(
-        "--texts",
-        metavar="FILE",
-        help="build the probe from this text file (one prompt per line) with the checkpoint's tokenizer",
-    )
-    parser.add_argument("--out", metavar="DIR", help=f"run directory (default: <first input>/{DEFAULT_OUT_NAME})")
-    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder for --texts (default: the checkpoint's)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per prompt for --texts (default 128)")
-    parser.add_argument("--num-prompts", type=int, default=64, help="prompts taken from --texts (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the probe's augmented views (default 0)")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        nargs="+",
-        metavar="STEP",
-        help="the step of each explicit checkpoint folder, in the order given",
-    )
-    parser.add_argument(
-        "--metrics",
-        default="standard",
-        help="preset: light, standard or paper, or a comma-separated list of metric names (default standard)",
-    )
-    parser.add_argument("--alpha", type=float, default=1.0, help="Renyi order of the entropies (default 1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="probe prompts per forward pass (default 16)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="also load pickle-based weights (pytorch_model.bin). Unpickling can run arbitrary code: only for "
-        "checkpoints you trust",
-    )
-    parser.add_argument("--no-tensorboard", action="store_true", help="write only layerwatch.jsonl")
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
-
-
-def _build_probe(args: argparse.Namespace, resolved: list[Checkpoint], out: Path) -> "Probe":
-    if args.probe:
-        return _load_probe_file(Path(args.probe))
-    if args.texts:
-        from layerwatch.probe import Probe
-
-        texts = read_texts(args.texts)
-        if args.tokenizer:
-            candidates = [Path(args.tokenizer)]
-            if not candidates[0].exists():
-                raise TrajectoryError(f"--tokenizer {candidates[0]} does not exist")
-        else:
-            candidates = [resolved[0].path, resolved[0].path.parent] + [c.path for c in resolved[1:]]
-        tokenizer = load_tokenizer(candidates)
-        try:
-            return Probe.from_texts(
-                texts, tokenizer, max_length=args.max_length, num_prompts=args.num_prompts, seed=args.seed
-            )
-        except ValueError as error:
-            raise TrajectoryError(f"cannot build a probe from --texts {args.texts}: {error}") from error
-    if (out / PROBE_FILENAME).is_file():
-        return _load_probe_file(out / PROBE_FILENAME)
-    for raw in args.checkpoints:
-        candidate = Path(raw) / "layerwatch" / PROBE_FILENAME
-        if candidate.is_file():
-            return _load_probe_file(candidate)
-    raise TrajectoryError(
-        "no probe: pass --probe PROBE (a saved probe, such as <output_dir>/layerwatch/probe.safetensors) or "
-        "--texts FILE (one prompt per line)"
-    )
-
-
-def _quiet_transformers() -> None:
-    # One line per checkpoint is ours; transformers' per-file "Loading weights" bars only add noise (CLI only).
-    try:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetic
-        pass
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``layerwatch trajectory``; returns the exit code (0 ok, 2 user error)."""
-    _quiet_transformers()
-    from layerwatch.analysis import revisions
-
-    if revisions.wants_revisions(args):
-        return revisions.main(args)
-    say = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, **k, file=sys.stderr))
-    try:
-        resolved = discover_checkpoints(args.checkpoints, steps=args.steps)
-        out = Path(args.out) if args.out else Path(args.checkpoints[0]) / DEFAULT_OUT_NAME
-        probe = _build_probe(args, resolved, out)
-        done = completed_steps(out)
-        todo = [c for c in resolved if c.step not in done]
-        say(
-            f"layerwatch trajectory: {len(resolved)} checkpoint(s), steps "
-            f"{', '.join(str(c.step) for c in resolved)}; {len(resolved) - len(todo)} already in {out}, "
-            f"{len(todo)} to probe"
-        )
-
-        bar_enabled = not args.quiet and sys.stderr.isatty()
-        position = [len(resolved) - len(todo)]
-
-        def report(checkpoint: Checkpoint, timings: dict[str, float]) -> None:
-            position[0] += 1
-            line = (
-                f"[{position[0]}/{len(resolved)}] step {checkpoint.step} ({checkpoint.path}): "
-                f"load {timings['load_s']:.1f} s, probe {timings['probe_s']:.1f} s"
-            )
-            if bar_enabled:
-                from tqdm.auto import tqdm
-
-                tqdm.write(line, file=sys.stderr)
-            else:
-                say(line)
-
-        run = run_trajectory(
-            resolved,
-            probe=probe,
-            out=out,
-            metrics=_parse_metrics(args.metrics),
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            alpha=args.alpha,
-            allow_pickle=args.allow_pickle,
-            tensorboard=not args.no_tensorboard,
-            on_checkpoint=report,
-            progress=bar_enabled,
-        )
-    except TrajectoryError as error:
-        print(f"layerwatch trajectory: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("layerwatch trajectory: interrupted; the checkpoints probed so far are kept", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(summary_table(run))
-        print()
-        print(f"run written to {out} ({len(run.steps)} step(s)); view it with:")
-        print(f"  tensorboard --logdir {out}")
-        print(f"  layerwatch report {out}")
-    return 0
-
-
-def _standalone(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="layerwatch trajectory")
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(_standalone())

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from layerwatch.rundir.runs import summary_table
+from layerwatch.analysis.summary import summary_table
 from layerwatch.rundir.claim import WriterClaim
 from layerwatch.rundir.files import PROBE_FILENAME
 
@@ -225,34 +225,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the demo; returns the process exit code."""
+def _config(args: argparse.Namespace) -> DemoConfig | None:
+    """The demo's settings from its flags, or ``None`` after saying which flag is wrong."""
     config = DemoConfig(steps=args.steps, batch_size=args.batch_size, probe_prompts=args.prompts, seed=args.seed)
-    positive = (("--steps", config.steps), ("--batch-size", config.batch_size), ("--prompts", config.probe_prompts))
-    for flag, value in positive:
+    flags = (("--steps", config.steps), ("--batch-size", config.batch_size), ("--prompts", config.probe_prompts),
+             ("--every", 1 if args.every is None else args.every))
+    for flag, value in flags:
         if value < 1:
             print(f"layerwatch demo: {flag} must be a positive integer, got {value}", file=sys.stderr)
-            return 2
-    if args.every is not None:
-        if args.every < 1:
-            print(f"layerwatch demo: --every must be a positive integer, got {args.every}", file=sys.stderr)
-            return 2
-        config.every = args.every
-    else:
-        config.every = max(1, min(config.every, config.steps // 10))
+            return None
+    config.every = args.every if args.every is not None else max(1, min(config.every, config.steps // 10))
+    return config
 
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code."""
+    config = _config(args)
+    if config is None:
+        return 2
     out = Path(args.out).expanduser().resolve()
     if not _prepare_output_dir(out, overwrite=bool(getattr(args, "overwrite", False))):
         return 2
+    started = time.perf_counter()
+    trainer, tokenizer = _train(config, out)
+    _print_closing(trainer, tokenizer, out, time.perf_counter() - started)
+    return 0
 
+
+def _train(config: DemoConfig, out: Path) -> tuple[Any, Any]:
+    """Train the demo model with the Trainer callback watching; returns the trainer and the tokenizer."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
     from transformers import Trainer, default_data_collator
 
-    import layerwatch
     from layerwatch.integrations.hf_trainer import LayerWatchCallback
 
-    started = time.perf_counter()
     text = load_corpus()
     tokenizer = train_tokenizer(text, config.vocab_size)
     train_dataset, eval_dataset = build_datasets(text, tokenizer, config.block_size, config.eval_fraction)
@@ -266,43 +272,31 @@ def main(args: argparse.Namespace) -> int:
         f"(BPE vocabulary {len(tokenizer)}); {config.steps} steps, probing every {config.every}."
     )
     (out / MARKER_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n", encoding="utf-8")
-
     save_steps = max(1, math.ceil(config.steps / config.num_checkpoints))
     arguments = training_arguments(
-        str(out),
-        max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=2 * config.batch_size,
-        learning_rate=config.learning_rate,
-        weight_decay=0.1,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, config.steps // 10),
-        max_grad_norm=1.0,
-        logging_steps=max(1, config.steps // 15),
-        logging_first_step=True,
-        eval_strategy="steps",
-        eval_steps=save_steps,
-        eval_on_start=True,
-        save_strategy="steps",
-        save_steps=save_steps,
-        save_only_model=True,
-        seed=config.seed,
-        data_seed=config.seed,
+        str(out), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=2 * config.batch_size, learning_rate=config.learning_rate, weight_decay=0.1,
+        lr_scheduler_type="cosine", warmup_steps=max(1, config.steps // 10), max_grad_norm=1.0,
+        logging_steps=max(1, config.steps // 15), logging_first_step=True, eval_strategy="steps",
+        eval_steps=save_steps, eval_on_start=True, save_strategy="steps", save_steps=save_steps, save_only_model=True,
+        seed=config.seed, data_seed=config.seed,
         disable_tqdm=True,  # one progress line of our own instead of the Trainer's nested bars
     )
     callback = LayerWatchCallback(every=config.every, num_prompts=config.probe_prompts)
     trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        callbacks=[callback],
+        model=model, args=arguments, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=default_data_collator, processing_class=tokenizer, callbacks=[callback],
     )
     _show_progress(trainer)
     tokenizer.save_pretrained(str(out))
-    elapsed = time.perf_counter() - started
+    return trainer, tokenizer
+
+
+def _print_closing(trainer: Any, tokenizer: Any, out: Path, elapsed: float) -> None:
+    """Losses, where everything is, how to view it, and the per-layer table."""
+    import transformers
+
+    import layerwatch
 
     logdir = out / "layerwatch"
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -318,18 +312,17 @@ def main(args: argparse.Namespace) -> int:
     print(f"Checkpoints:      {', '.join(p.name for p in checkpoints) or 'none'} in {out}")
     print(f"layerwatch run:   {logdir} (layerwatch.jsonl, probe.safetensors, TensorBoard events)")
     print(f"View it:          tensorboard --logdir {_shell_path(logdir)}")
-    probe_path = _shell_path(logdir / PROBE_FILENAME)
-    print(f"After training:   layerwatch trajectory {_shell_path(out)} --probe {probe_path}")
+    print(f"Report:           layerwatch report {_shell_path(logdir)}")
+    print(f"After training:   layerwatch trajectory {_shell_path(out)} --probe {_shell_path(logdir / PROBE_FILENAME)}")
     print()
     try:
         run = layerwatch.read_run(logdir)
     except Exception as error:  # noqa: BLE001 - the table is a courtesy; the run itself is on disk
         print(f"(could not read the run back for the summary table: {error})")
-        return 0
+        return
     steps = run.steps.tolist()
     print(f"Per-layer metrics, first probe (step {steps[0]}) -> last probe (step {steps[-1]}); layer 0 = embeddings:")
     print(summary_table(run))
-    return 0
 
 
 def _shell_path(path: Path) -> str:

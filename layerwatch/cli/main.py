@@ -15,8 +15,8 @@ from layerwatch._version import __version__
 
 SUBCOMMANDS = {
     "demo": ("layerwatch.cli.demo", "train a small GPT-2 on CPU with layerwatch watching (about 3 minutes on 2 idle cores)"),
-    "trajectory": ("layerwatch.analysis.trajectory", "probe saved checkpoints and write them as one run"),
-    "report": ("layerwatch.analysis.report", "draw a run as PNG pictures and an HTML page"),
+    "trajectory": ("layerwatch.cli.trajectory", "probe saved checkpoints and write them as one run"),
+    "report": ("layerwatch.cli.report", "draw a run as PNG pictures and an HTML page, or compare runs"),
 }
 
 

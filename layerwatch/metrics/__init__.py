@@ -2,7 +2,8 @@
 
 Modules: ``tokens`` (per-prompt metrics over token states, fused in ``token_metrics``), ``sets`` (one row per
 prompt or view: dataset entropy, RankMe, InfoNCE, DiME, LiDAR, bimodality), ``labels`` (probe accuracy, best
-layer, CKA), ``attention_sinks`` (massive activations, sink-free entropy), ``base`` (checks, centering,
+layer, CKA), ``attention_sinks`` (massive activations, sink-free entropy), ``dimension`` (TwoNN intrinsic dimension), ``uncertainty``
+(standard errors: per-prompt and jackknife), ``names`` (every metric's name, once), ``base`` (checks, centering,
 eigenvalue paths, matrix entropies) and ``registry`` (one ``MetricSpec`` per metric). Conventions shared by
 every function: see ``base``'s docstring.
 """
@@ -22,6 +23,7 @@ from layerwatch.metrics.labels import (
     probe_accuracy,
 )
 from layerwatch.metrics.attention_sinks import (
+    SINK_GAP,
     SINK_NORM_RATIO,
     massive_activation,
     prompt_entropy_without_sinks,
@@ -44,33 +46,12 @@ from layerwatch.metrics.tokens import (
     prompt_entropy,
     token_metrics,
 )
+from layerwatch.metrics.dimension import intrinsic_dimension
+from layerwatch.metrics.uncertainty import (
+    JACKKNIFE_GROUPS,
+    jackknife,
+    jackknife_groups,
+    jackknife_stderr,
+    prompt_stderr,
+)
 
-__all__ = [
-    "EIGENVALUE_RTOL",
-    "SET_CHUNK_BYTES",
-    "PROBE_FOLDS",
-    "PROBE_RIDGE",
-    "SINK_NORM_RATIO",
-    "best_layer",
-    "bimodality",
-    "check_labels",
-    "curvature",
-    "dataset_entropy",
-    "dime",
-    "effective_rank",
-    "infonce",
-    "infonce_chance",
-    "label_folds",
-    "lidar",
-    "linear_cka",
-    "massive_activation",
-    "mean_pool",
-    "normalize",
-    "prompt_entropy",
-    "prompt_entropy_without_sinks",
-    "probe_accuracy",
-    "set_level_peak_bytes",
-    "sink_tokens",
-    "token_metrics",
-    "EigenvaluePaths",
-]

@@ -10,10 +10,17 @@ from torch import Tensor
 from layerwatch.metrics.base import _check_alpha, _check_tokens, _result_dtype
 from layerwatch.metrics.tokens import prompt_entropy
 
-#: A token whose norm exceeds this multiple of its prompt's median token norm is a sink token (a massive
-#: activation, as on the first token of many pretrained decoders). Ordinary tokens of a prompt stay within a
-#: few times the median; the sinks reported in the literature sit 100 to 1000 times above it.
-SINK_NORM_RATIO = 10.0
+#: A sink token's norm exceeds this multiple of its prompt's median token norm (the first of the two conditions of
+#: :func:`sink_tokens`). Ordinary tokens of trained models stay near 1.2-1.8 times the median; random-init models
+#: stay below about 2 except on the first token of some architectures (up to about 3.5 at random init, but never
+#: standing apart from the second token: see :data:`SINK_GAP`); the sinks reported in the literature sit 100 to 1000
+#: times above the median, weak ones of mid-depth layers 4 to 9 times.
+SINK_NORM_RATIO = 3.0
+
+#: A sink token's norm is at least this multiple of the norm of every token that is not a sink (the second
+#: condition of :func:`sink_tokens`): sinks stand apart from the prompt's ordinary tokens, they are not the top of
+#: a continuous spread. Largest token over the second-largest stays below about 1.65 in random-init models.
+SINK_GAP = 2.0
 
 
 def _token_norms(hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,8 +44,9 @@ def _token_norms(hidden: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, T
 def massive_activation(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     """Largest token norm over the median token norm of each prompt (SPEC §7).
 
-    About 1 to 3 for ordinary layers; far above :data:`SINK_NORM_RATIO` where one token (often the first)
-    carries a massive activation, the signature of an attention sink.
+    About 1 to 2 for ordinary layers (up to about 3.5 in an early layer of some random-init models, from the first
+    token); 4 to 10 where a weak attention sink sits on one token (often the first) and 100 to 1000 where it carries
+    a massive activation, the signature of a strong attention sink. Which tokens are sinks: :func:`sink_tokens`.
 
     Args:
         hidden: ``[..., B, T, D]`` hidden states.
@@ -59,19 +67,46 @@ def massive_activation(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     return torch.where(bad | ~torch.isfinite(ratio), math.nan, ratio).to(_result_dtype(hidden))
 
 
-def sink_tokens(hidden: Tensor, mask: Tensor | None = None, *, ratio: float = SINK_NORM_RATIO) -> Tensor:
-    """``[..., B, T]`` bool: valid tokens whose norm exceeds ``ratio`` times their prompt's median token norm.
+def sink_tokens(
+    hidden: Tensor, mask: Tensor | None = None, *, ratio: float = SINK_NORM_RATIO, gap: float = SINK_GAP
+) -> Tensor:
+    """``[..., B, T]`` bool: each prompt's sink tokens, the valid tokens whose norms stand apart above the rest.
+
+    With a prompt's valid token norms sorted in decreasing order, ``n_1 >= n_2 >= ... >= n_N``, and ``m`` their
+    median, the sinks are the ``k`` largest tokens for the largest ``k < N`` such that
+
+    - ``n_k > ratio * m`` (far above the prompt's typical token), and
+    - ``n_k > gap * n_{k+1}`` (at least ``gap`` times every token left in: a separate group, not the top of a
+      continuous spread of norms),
+
+    and none when no ``k`` satisfies both. One strong sink (1000x) and one weak one (5x) over ordinary tokens (<= 2x)
+    are both sinks; a tail of ordinary tokens rising smoothly to 3.5x has none. The rule looks at one prompt at a
+    time, so a prompt's result does not depend on the other prompts, the batch size or the number of ranks.
+
+    Args:
+        hidden: ``[..., B, T, D]`` hidden states.
+        mask: optional ``[B, T]`` attention mask.
+        ratio: :data:`SINK_NORM_RATIO`, a multiple of the prompt's median token norm (> 1).
+        gap: :data:`SINK_GAP`, how many times larger than every kept token a sink is (>= 1).
 
     Example:
         >>> import torch
         >>> from layerwatch.metrics import sink_tokens
-        >>> sink_tokens(torch.tensor([[[300.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]]))
-        tensor([[ True, False, False, False]])
+        >>> sink_tokens(torch.tensor([[[300.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [0.0, 9.0]]]))
+        tensor([[ True, False, False, False,  True]])
+        >>> sink_tokens(torch.tensor([[[4.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 2.5]]]))  # 4 < 2 x 2.5
+        tensor([[False, False, False, False, False]])
     """
     if not float(ratio) > 1:
         raise ValueError(f"`ratio` must be a multiple of the median norm above 1, got {ratio}")
+    if not float(gap) >= 1:
+        raise ValueError(f"`gap` must be a factor of at least 1 between a sink and the largest kept token, got {gap}")
     norms, median, _ = _token_norms(hidden, mask)
-    return norms > float(ratio) * median[..., None]  # NaN compares False
+    ordered = torch.sort(torch.nan_to_num(norms, nan=-math.inf), dim=-1, descending=True).values  # invalid: last
+    above = ordered[..., :-1] > float(ratio) * median[..., None]
+    apart = ordered[..., :-1] > float(gap) * ordered[..., 1:]  # n_k > gap * n_{k+1}; False against an invalid slot
+    cut = torch.where(above & apart & torch.isfinite(ordered[..., 1:]), ordered[..., :-1], math.inf).amin(-1)
+    return norms >= cut[..., None]  # NaN (invalid slots) compares False; no k: cut = inf
 
 
 @torch.no_grad()
@@ -82,6 +117,7 @@ def prompt_entropy_without_sinks(
     alpha: float = 1.0,
     normalized: bool = True,
     ratio: float = SINK_NORM_RATIO,
+    gap: float = SINK_GAP,
     entropy: Tensor | None = None,
 ) -> Tensor:
     """:func:`prompt_entropy` of each prompt with its sink tokens (:func:`sink_tokens`) left out (SPEC §7).
@@ -93,7 +129,7 @@ def prompt_entropy_without_sinks(
         hidden: ``[..., B, T, D]`` hidden states.
         mask: optional ``[B, T]`` attention mask.
         alpha, normalized: as in :func:`prompt_entropy`.
-        ratio: the sink threshold, a multiple of the prompt's median token norm.
+        ratio, gap: the sink rule's two thresholds (:func:`sink_tokens`).
         entropy: ``prompt_entropy(hidden, mask, alpha=alpha, normalized=normalized)`` if already computed:
             then only prompts holding a sink are recomputed.
 
@@ -112,7 +148,7 @@ def prompt_entropy_without_sinks(
     """
     alpha = _check_alpha(alpha)
     hidden, bool_mask = _check_tokens(hidden, mask)
-    sinks = sink_tokens(hidden, bool_mask, ratio=ratio)
+    sinks = sink_tokens(hidden, bool_mask, ratio=ratio, gap=gap)
     keep = ~sinks if bool_mask is None else bool_mask & ~sinks
     if entropy is None:
         return prompt_entropy(hidden, keep, alpha=alpha, normalized=normalized)

@@ -27,21 +27,20 @@ throwaway metric and :func:`unregister` it afterwards)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from types import ModuleType
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
-if TYPE_CHECKING:  # pragma: no cover
-    from torch import Tensor
+import torch
+from torch import Tensor
 
-# This module imports neither torch nor layerwatch.metrics (read_run, the report and the alerts only need names);
-# the metric functions below import them when they first run.
-
-
-def _metrics() -> ModuleType:
-    from layerwatch import metrics
-
-    return metrics
+import layerwatch.metrics.names as N
+from layerwatch.metrics.attention_sinks import massive_activation, prompt_entropy_without_sinks
+from layerwatch.metrics.dimension import intrinsic_dimension
+from layerwatch.metrics.labels import best_layer, linear_cka, probe_accuracy
+from layerwatch.metrics.sets import bimodality, dataset_entropy, dime, effective_rank, infonce, infonce_chance, lidar
+from layerwatch.metrics.tokens import MEAN_POOL, mean_pool, token_metrics
+import layerwatch.metrics.uncertainty as uncertainty
+from layerwatch.metrics.uncertainty import jackknife, prompt_stderr
 
 # What a metric can need from the probe.
 TOKENS = "tokens"  # per-prompt values computed from one layer's token states (a clean forward)
@@ -75,14 +74,14 @@ class TokenInputs:
     def fused(self) -> dict[str, Tensor]:
         """``metrics.token_metrics`` of this layer (prompt entropy, curvature, mean pool), computed once."""
         if self._fused is None:
-            self._fused = _metrics().token_metrics(self.hidden, self.mask, alpha=self.alpha)
+            self._fused = token_metrics(self.hidden, self.mask, alpha=self.alpha)
         return self._fused
 
     def pooled(self) -> Tensor:
         """``[b, D]`` mean-pooled rows (taken from :meth:`fused` when that already ran)."""
         if self._fused is not None:
-            return self._fused["mean_pool"]
-        return _metrics().mean_pool(self.hidden, self.mask)
+            return self._fused[MEAN_POOL]
+        return mean_pool(self.hidden, self.mask)
 
 
 @dataclass
@@ -102,6 +101,8 @@ class SetInputs:
             first probes of the same probe (None where there is none or it is not comparable).
         computed: values of the metrics computed so far in this probe, in registry order (best_layer reads
             probe_accuracy's).
+        stderr: metric name -> per-layer standard errors, filled by the collector (``layerwatch.monitor.collect``)
+            with :func:`standard_errors` after the metrics.
     """
 
     per_prompt: dict[str, Tensor]
@@ -115,6 +116,29 @@ class SetInputs:
     probe_seed: int = 0
     reference: dict[str, Tensor | None] = field(default_factory=dict)
     computed: dict[str, Tensor] = field(default_factory=dict)
+    stderr: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        """The number of prompts M the buffers hold (0 when they hold no per-prompt rows)."""
+        rows = [r for r in (self.pooled, self.views, *self.per_prompt.values()) if r is not None]
+        return int(rows[0].shape[1]) if rows else 0
+
+    @property
+    def num_layers(self) -> int:
+        """The number of layers the buffers hold."""
+        rows = [r for r in (self.pooled, self.views, self.health, *self.per_prompt.values()) if r is not None]
+        return int(rows[0].shape[0]) if rows else 0
+
+    def subset(self, keep: Tensor) -> "SetInputs":
+        """These inputs restricted to the prompts ``keep`` (indices; a jackknife replicate), nothing computed yet."""
+        take = lambda rows: None if rows is None else rows[:, keep.to(rows.device)]  # noqa: E731
+        labels = None if self.labels is None else [self.labels[i] for i in keep.tolist()]
+        return replace(
+            self, per_prompt={name: take(rows) for name, rows in self.per_prompt.items()}, pooled=take(self.pooled),
+            views=take(self.views), labels=labels, reference={k: take(v) for k, v in self.reference.items()},
+            computed={}, stderr={},
+        )
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,11 @@ class MetricSpec:
         summary: shown by ``summary_table`` by default (a main metric).
         scalar: one value per probe (``compute`` returns a 0-d tensor), not one per layer: kept in the record's
             ``scalars`` and logged as ``layerwatch/<name>``.
+        stderr: the record carries its standard error (:func:`standard_errors`): ``std(ddof=1)/sqrt(n)`` of the
+            per-prompt values for a token metric without ``compute``, a delete-a-group jackknife over prompts
+            otherwise. False for the activation-health sums and the one-number metrics.
+        implies: metrics selected with it by an explicit list (:func:`resolve_metrics`): ``best_layer`` comes with
+            ``probe_accuracy``.
     """
 
     name: str
@@ -155,6 +184,8 @@ class MetricSpec:
     collapse_floor: float | None = None
     summary: bool = False
     scalar: bool = False
+    stderr: bool = True
+    implies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [need for need in self.needs if need not in NEEDS]
@@ -174,6 +205,15 @@ class MetricSpec:
         if self.compute is not None:
             return self.compute(inputs)
         return inputs.per_prompt[self.name].double().nanmean(dim=-1)
+
+    def standard_error(self, inputs: SetInputs, *, groups: int = uncertainty.JACKKNIFE_GROUPS) -> Tensor | None:
+        """``[layers]`` standard errors of this metric (float64, CPU), or None when it has none (see ``stderr``)."""
+        if not self.stderr or self.scalar or (self.compute is not None and groups < 2) or inputs.num_prompts < 2:
+            return None
+        if self.compute is None:
+            return prompt_stderr(inputs.per_prompt[self.name], dim=-1).cpu()
+        statistic = lambda keep: self.set_value(inputs.subset(keep)).double()  # noqa: E731
+        return jackknife(statistic, inputs.num_prompts, groups=groups, seed=inputs.seed)
 
 
 REGISTRY: dict[str, MetricSpec] = {}
@@ -255,8 +295,11 @@ def resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...],
     """(preset name, metric names, augmented views) from the ``metrics=`` argument; ValueError naming it if invalid.
 
     A preset name gives its metrics and views; a list of metric names (``"health"`` expands to the activation-health
-    metrics) gives ``"custom"`` and 2 views when it holds a metric that needs views.
+    metrics; a single name may be given as a string) gives ``"custom"`` and 2 views when it holds a metric that needs
+    views. A metric's ``implies`` come with it (``probe_accuracy`` brings ``best_layer``).
     """
+    if isinstance(metrics, str) and (metrics in REGISTRY or metrics == "health"):
+        metrics = [metrics]
     if isinstance(metrics, str):
         if metrics not in PRESETS:
             raise ValueError(
@@ -270,12 +313,34 @@ def resolve_metrics(metrics: str | Sequence[str]) -> tuple[str, tuple[str, ...],
         for item in expanded:
             if item not in REGISTRY:
                 raise ValueError(f"metrics= contains unknown metric {item!r}; known metrics are {list(REGISTRY)}")
-            if item not in names:
-                names.append(item)
+            for implied in (item, *REGISTRY[item].implies):
+                if implied not in names:
+                    names.append(implied)
     if not names:
         raise ValueError("metrics= is empty; give a preset ('light', 'standard', 'paper') or metric names")
     needs_views = any(VIEWS in REGISTRY[name].needs for name in names)
     return "custom", tuple(names), CUSTOM_VIEWS if needs_views else 0
+
+
+def standard_errors(names: Sequence[str], inputs: SetInputs, *, groups: int | None = None) -> dict[str, Tensor]:
+    """``{metric: [layers] standard errors}`` of the metrics ``names`` that have one (:attr:`MetricSpec.stderr`).
+
+    Token metrics: :func:`layerwatch.metrics.uncertainty.prompt_stderr` of their per-prompt values. Set-level ones: a
+    delete-a-group jackknife (:func:`layerwatch.metrics.uncertainty.jackknife`, ``groups`` replicates seeded by
+    ``inputs.seed``; None: :data:`layerwatch.metrics.uncertainty.JACKKNIFE_GROUPS`; 0 skips them) that recomputes :meth:`MetricSpec.set_value` without each group of
+    prompts. A replicate the metric refuses (e.g. a class with too few prompts left for ``probe_accuracy``'s folds)
+    gives NaN standard errors, never a failed probe.
+    """
+    groups = uncertainty.JACKKNIFE_GROUPS if groups is None else int(groups)
+    result: dict[str, Tensor] = {}
+    for name in names:
+        try:
+            error = REGISTRY[name].standard_error(inputs, groups=groups)
+        except ValueError:
+            error = torch.full((inputs.num_layers,), float("nan"), dtype=torch.float64)
+        if error is not None:
+            result[name] = error
+    return result
 
 
 # ------------------------------------------------------------------------------------------- the built-in metrics
@@ -290,152 +355,151 @@ def _fused(key: str) -> Callable[[TokenInputs], Tensor]:
 
 
 def _entropy_without_sinks(t: TokenInputs) -> Tensor:
-    entropy = t.fused()["prompt_entropy"]  # shared with prompt_entropy: only prompts holding a sink are recomputed
-    return _metrics().prompt_entropy_without_sinks(t.hidden, t.mask, alpha=t.alpha, entropy=entropy)
+    entropy = t.fused()[N.PROMPT_ENTROPY]  # shared with prompt_entropy: only prompts holding a sink are recomputed
+    return prompt_entropy_without_sinks(t.hidden, t.mask, alpha=t.alpha, entropy=entropy)
 
 
 def _probe_accuracy(s: SetInputs) -> Tensor:
-    return _metrics().probe_accuracy(s.pooled.double(), s.labels, seed=s.probe_seed)
+    return probe_accuracy(s.pooled.double(), s.labels, seed=s.probe_seed)
 
 
 def _best_layer(s: SetInputs) -> Tensor:
-    import torch
-
-    accuracy = s.computed["probe_accuracy"] if "probe_accuracy" in s.computed else _probe_accuracy(s)
-    best = _metrics().best_layer(accuracy)
+    accuracy = s.computed[N.PROBE_ACCURACY] if N.PROBE_ACCURACY in s.computed else _probe_accuracy(s)
+    best = best_layer(accuracy)
     return torch.tensor(float("nan") if best is None else float(best), dtype=torch.float64)
 
 
 def _cka_to(which: str) -> Callable[[SetInputs], Tensor]:
     def compute(s: SetInputs) -> Tensor:
-        import torch
-
         reference = s.reference.get(which)
         if reference is None:  # no earlier probe, or one of a different probe (the monitor says why)
             return torch.full((s.pooled.shape[0],), float("nan"), dtype=torch.float64)
-        return _metrics().linear_cka(s.pooled, reference)
+        return linear_cka(s.pooled, reference)
 
     compute.__name__ = f"cka_to_{which}"
     return compute
 
 
 def _dime(s: SetInputs) -> Tensor:
-    import torch
-
     generator = torch.Generator(device=s.views.device).manual_seed(s.seed)
-    return _metrics().dime(s.views[:, :, 0], s.views[:, :, 1], alpha=s.alpha, generator=generator)
+    return dime(s.views[:, :, 0], s.views[:, :, 1], alpha=s.alpha, generator=generator)
+
+
+def _rms(s: SetInputs) -> Tensor:
+    return (s.health[:, 0].double() / s.health[:, 1].double().clamp_min(1)).sqrt()  # of the finite values
 
 
 _ALL, _WITH_VIEWS = PRESETS, ("standard", "paper")
 _BUILTIN = (
     MetricSpec(
-        "prompt_entropy",
+        N.PROMPT_ENTROPY,
         "how spread a prompt's tokens are (normalized Renyi entropy; lower = more compressed)",
-        needs=(TOKENS,), per_prompt=_fused("prompt_entropy"), presets=_ALL, compressed_when="lower",
+        needs=(TOKENS,), per_prompt=_fused(N.PROMPT_ENTROPY), presets=_ALL, compressed_when="lower",
         histogram=True, summary=True,
     ),
     MetricSpec(
-        "prompt_entropy_bimodality",
+        N.PROMPT_ENTROPY_BIMODALITY,
         "Sarle's bimodality coefficient of per-prompt prompt entropy (> 5/9: two modes?)",
-        needs=(TOKENS,), uses=("prompt_entropy",), presets=_ALL,
-        compute=lambda s: _metrics().bimodality(s.per_prompt["prompt_entropy"].double(), dim=-1),
+        needs=(TOKENS,), uses=(N.PROMPT_ENTROPY,), presets=_ALL,
+        compute=lambda s: bimodality(s.per_prompt[N.PROMPT_ENTROPY].double(), dim=-1),
     ),
     MetricSpec(
-        "dataset_entropy",
+        N.DATASET_ENTROPY,
         "how diverse the prompts' mean-pooled representations are (normalized Renyi entropy)",
         needs=(POOLED,), presets=_ALL, compressed_when="lower", collapse_watched=True, summary=True,
-        compute=lambda s: _metrics().dataset_entropy(s.pooled, alpha=s.alpha),
+        compute=lambda s: dataset_entropy(s.pooled, alpha=s.alpha),
     ),
     MetricSpec(
-        "curvature",
+        N.CURVATURE,
         "mean angle between consecutive token steps (radians; lower = straighter trajectories)",
-        needs=(TOKENS,), per_prompt=_fused("curvature"), presets=_ALL, histogram=True, summary=True,
+        needs=(TOKENS,), per_prompt=_fused(N.CURVATURE), presets=_ALL, histogram=True, summary=True,
     ),
     MetricSpec(
-        "curvature_abs",
+        N.CURVATURE_ABS,
         "curvature with |cos| (the authors' later code)",
-        needs=(TOKENS,), per_prompt=_fused("curvature_abs"),
+        needs=(TOKENS,), per_prompt=_fused(N.CURVATURE_ABS),
     ),
     MetricSpec(
-        "effective_rank",
+        N.EFFECTIVE_RANK,
         "RankMe effective rank of the pooled representations",
         needs=(POOLED,), presets=_ALL, compressed_when="lower", summary=True,
         collapse_watched=True, collapse_floor=1.5,  # about one direction left
-        compute=lambda s: _metrics().effective_rank(s.pooled),
+        compute=lambda s: effective_rank(s.pooled),
     ),
     MetricSpec(
-        "massive_activation",
-        "largest token norm over the prompt's median token norm (far above 10: a massive activation, an attention "
-        "sink; then read prompt_entropy_without_sinks)",
-        needs=(TOKENS,), presets=_ALL, per_prompt=lambda t: _metrics().massive_activation(t.hidden, t.mask),
+        N.MASSIVE_ACTIVATION,
+        "largest token norm over the prompt's median token norm (about 1-3 in ordinary layers; far above: a massive "
+        "activation, an attention sink; then read prompt_entropy_without_sinks)",
+        needs=(TOKENS,), presets=_ALL, per_prompt=lambda t: massive_activation(t.hidden, t.mask),
     ),
     MetricSpec(
-        "prompt_entropy_without_sinks",
-        "prompt entropy leaving out sink tokens (norm above 10x the prompt's median); low here too = real "
-        "compression, high while prompt_entropy is low = an attention sink",
+        N.PROMPT_ENTROPY_WITHOUT_SINKS,
+        "prompt entropy leaving out sink tokens (above 3x the prompt's median norm and 2x every other token); low "
+        "here too = real compression, high while prompt_entropy is low = an attention sink",
         needs=(TOKENS,), presets=_ALL, compressed_when="lower", per_prompt=_entropy_without_sinks,
     ),
     MetricSpec(
-        "probe_accuracy",
+        N.PROBE_ACCURACY,
         "cross-validated accuracy of a linear (ridge) classifier of the probe's labels on the layer's pooled "
         "embeddings (labelled probes only; chance is about 1/classes)",
-        needs=(POOLED, LABELS), presets=_ALL, summary=True, compute=_probe_accuracy,
+        needs=(POOLED, LABELS), presets=_ALL, summary=True, compute=_probe_accuracy, implies=(N.BEST_LAYER,),
     ),
     MetricSpec(
-        "best_layer",
+        N.BEST_LAYER,
         "the layer with the highest probe_accuracy (earliest on ties): one number per probe",
-        needs=(POOLED, LABELS), presets=_ALL, scalar=True, compute=_best_layer,
+        needs=(POOLED, LABELS), presets=_ALL, scalar=True, compute=_best_layer, stderr=False,
     ),
     MetricSpec(
-        "cka_to_previous",
+        N.CKA_TO_PREVIOUS,
         "linear CKA between the layer's pooled embeddings now and at the previous probe (1 = unchanged up to "
         "rotation and scale; lower = the layer is moving)",
         needs=(POOLED, REFERENCE), presets=_ALL, compute=_cka_to("previous"),
     ),
     MetricSpec(
-        "cka_to_first",
+        N.CKA_TO_FIRST,
         "linear CKA between the layer's pooled embeddings now and at the run's first probe (how far it has moved)",
         needs=(POOLED, REFERENCE), presets=_ALL, compute=_cka_to("first"),
     ),
     MetricSpec(
-        "rms",
-        "root mean square of the activations",
-        needs=(HEALTH,), presets=_ALL,
-        compute=lambda s: (s.health[:, 0].double() / s.health[:, 1].double().clamp_min(1)).sqrt(),  # finite ones
+        N.RMS, "root mean square of the activations", needs=(HEALTH,), presets=_ALL, compute=_rms, stderr=False,
     ),
     MetricSpec(
-        "max_abs",
-        "largest absolute activation",
-        needs=(HEALTH,), presets=_ALL, compute=lambda s: s.max_abs.double(),
+        N.MAX_ABS, "largest absolute activation",
+        needs=(HEALTH,), presets=_ALL, compute=lambda s: s.max_abs.double(), stderr=False,
     ),
     MetricSpec(
-        "nonfinite",
-        "count of NaN/inf activation values",
-        needs=(HEALTH,), presets=_ALL, compute=lambda s: s.health[:, 2].double(),
+        N.NONFINITE, "count of NaN/inf activation values",
+        needs=(HEALTH,), presets=_ALL, compute=lambda s: s.health[:, 2].double(), stderr=False,
     ),
     MetricSpec(
-        "infonce",
+        N.INFONCE,
         "InfoNCE loss between two augmented views (nats; lower = views identify their prompt; compare with "
         "infonce_chance)",
         needs=(VIEWS,), presets=_WITH_VIEWS, compressed_when="higher", summary=True,
-        compute=lambda s: _metrics().infonce(s.views[:, :, 0], s.views[:, :, 1]),
+        compute=lambda s: infonce(s.views[:, :, 0], s.views[:, :, 1]),
     ),
     MetricSpec(
-        "infonce_chance",
+        N.INFONCE_CHANCE,
         "InfoNCE of the same layer with the views paired to other prompts (shuffled): the chance baseline, in nats",
         needs=(VIEWS,), presets=_WITH_VIEWS,
-        compute=lambda s: _metrics().infonce_chance(s.views[:, :, 0], s.views[:, :, 1]),
+        compute=lambda s: infonce_chance(s.views[:, :, 0], s.views[:, :, 1]),
     ),
     MetricSpec(
-        "dime",
+        N.DIME,
         "DiME: matrix-entropy difference between matched and shuffled view pairs",
         needs=(VIEWS,), presets=_WITH_VIEWS, compressed_when="lower", summary=True, compute=_dime,
     ),
     MetricSpec(
-        "lidar",
+        N.LIDAR,
         "LiDAR: entropy of the between-prompt vs within-view scatter (nats)",
         needs=(VIEWS,), presets=_WITH_VIEWS, compressed_when="lower", summary=True,
-        compute=lambda s: _metrics().lidar(s.views, alpha=s.alpha),
+        compute=lambda s: lidar(s.views, alpha=s.alpha),
+    ),
+    MetricSpec(
+        N.INTRINSIC_DIMENSION,
+        "TwoNN intrinsic dimension of the pooled representations (how many directions the prompts really vary in)",
+        needs=(POOLED,), presets=_WITH_VIEWS, compressed_when="lower",
+        compute=lambda s: intrinsic_dimension(s.pooled),
     ),
 )
 for _spec in _BUILTIN:

@@ -9,7 +9,24 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from layerwatch.metrics.base import SET_CHUNK_BYTES, ZERO_ROW_RTOL, _DIME_MATRICES_PER_ITEM, _INFONCE_MATRICES_PER_ITEM, _center_unit, _check_alpha, _check_real, _check_sets, _gram, _gram_eigenvalues, _kept_eigenvalues, _matrix_entropies, _result_dtype
+
+import layerwatch.metrics.names as names
+from layerwatch.metrics.base import (
+    _DIME_MATRICES_PER_ITEM,
+    _INFONCE_MATRICES_PER_ITEM,
+    SET_CHUNK_BYTES,
+    ZERO_ROW_RTOL,
+    _center_unit,
+    _check_alpha,
+    _check_real,
+    _check_sets,
+    _gram,
+    _gram_eigenvalues,
+    _kept_eigenvalues,
+    _matrix_entropies,
+    _result_dtype,
+)
+from layerwatch.metrics.dimension import TWONN_MATRICES_PER_ITEM
 
 logger = logging.getLogger("layerwatch.metrics")
 
@@ -25,15 +42,17 @@ def set_level_peak_bytes(num_prompts: int, metrics: Iterable[str]) -> int:
     """Estimated peak working memory (bytes) of the set-level step for ``num_prompts`` prompts and these metric
     names: the part that grows like ``M²`` (and beyond :data:`SET_CHUNK_BYTES`, cannot be chunked away): one
     DiME item of :data:`_DIME_MATRICES_PER_ITEM` ``M x M`` float64 matrices, InfoNCE's ``M x M`` logits of one
-    layer. The pooled rows the metrics start from (``layers x M x D``) come on top; they grow only linearly.
+    layer, intrinsic dimension's distances of one layer. The pooled rows the metrics start from (``layers x M x D``) come on top; they grow only linearly.
     Eigendecomposition time grows like ``M³`` per layer and permutation.
     """
-    names, m = set(metrics), int(num_prompts)
+    selected, m = set(metrics), int(num_prompts)
     item = 0
-    if "dime" in names:
+    if names.DIME in selected:
         item = max(item, _DIME_MATRICES_PER_ITEM * m * m * 8)
-    if "infonce" in names or "infonce_chance" in names:
+    if names.INFONCE in selected or names.INFONCE_CHANCE in selected:
         item = max(item, _INFONCE_MATRICES_PER_ITEM * m * m * 8)
+    if names.INTRINSIC_DIMENSION in selected:
+        item = max(item, TWONN_MATRICES_PER_ITEM * m * m * 8)
     return max(item, SET_CHUNK_BYTES) if item else 0  # chunks fill up to SET_CHUNK_BYTES, or hold one item
 
 

@@ -6,7 +6,29 @@ import math
 
 import torch
 from torch import Tensor
-from layerwatch.metrics.base import CURVATURE_ZERO_TOL, _Scratch, _TokenBlocks, _bool_mask, _center_, _center_unit, _check_alpha, _check_sets, _check_tokens, _inverse_norms, _matrix_entropies, _result_dtype, _spread, _valid_mean, _working_dtype
+
+import layerwatch.metrics.names as names
+from layerwatch.metrics.base import (
+    CURVATURE_ZERO_TOL,
+    _bool_mask,
+    _center_,
+    _center_unit,
+    _check_alpha,
+    _check_sets,
+    _check_tokens,
+    _inverse_norms,
+    _matrix_entropies,
+    _result_dtype,
+    _Scratch,
+    _spread,
+    _TokenBlocks,
+    _valid_mean,
+    _working_dtype,
+)
+
+#: The key of the mean-pooled embeddings in :func:`token_metrics`' result (not a metric: one vector per prompt).
+MEAN_POOL = "mean_pool"
+
 
 def _curvature_from_bands(
     d0: Tensor, d1: Tensor, d2: Tensor, count: Tensor
@@ -39,6 +61,117 @@ _GRAM_SIZE_STEP = 16
 
 
 
+class _TokenPass:
+    """The shared engine of mean_pool, prompt_entropy, curvature and token_metrics (float64 results, ``[..., B]``).
+
+    Blocks of prompts (see :class:`_TokenBlocks`) are copied to the working dtype (:func:`_working_dtype`: float32
+    for float32/bfloat16/float16 states, float64 for float64 ones) and centered; their means (summed in float64) are
+    the mean-pooled embeddings. For entropy, the Gram matrices of their unit rows (or the D x D covariances when the
+    longest prompt exceeds D) are written into zero-padded stacks, one per size group, that go through one spread-out
+    ``eigvalsh`` batch (``alpha = 2``: Frobenius norms instead, no eigenvalues); the entropies are computed in float64
+    from the eigenvalues. Curvature needs only the Gram diagonals ``<z_k, z_k>``, ``<z_k, z_{k+1}>``,
+    ``<z_k, z_{k+2}>``: read from the Gram matrices when there are some, else computed as one batched product of
+    each token with itself and its next two.
+    """
+
+    def __init__(self, hidden: Tensor, mask: Tensor | None, *, entropy: bool, curvature: bool, pool: bool) -> None:
+        self.entropy, self.curvature, self.pool = entropy, curvature, pool
+        work = _working_dtype(hidden)
+        self.blocks = blocks = _TokenBlocks(hidden, mask, itemsize=torch.finfo(work).bits // 8)
+        rows, d = blocks.rows, blocks.hidden_size
+        self.size = max(blocks.longest, 1)  # all-padding token positions are dropped everywhere
+        self.use_gram = entropy and self.size <= d
+        self.use_cov = entropy and self.size > d
+        if self.use_gram:
+            blocks.group_by_size(_GRAM_SIZE_STEP)
+        f64 = dict(dtype=torch.float64, device=hidden.device)
+        # the zero-padded Gram (n x n) or covariance (D x D) matrices of each group of rows
+        sizes = [(stop - start, n if self.use_gram else d) for start, stop, n in blocks.groups] if entropy else []
+        self.matrices = [torch.empty(count, n, n, dtype=work, device=hidden.device) for count, n in sizes]
+        self.bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)  # prompts holding non-finite values
+        # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
+        self.bands = torch.zeros(rows, self.size, 3, **f64) if curvature else None
+        # without a Gram: the mean norms, to scale the bands to unit tokens afterwards
+        self.mean_norms = torch.zeros(rows, 1, **f64) if curvature and not self.use_gram else None
+        self.pooled = torch.full((rows, d), math.nan, **f64) if pool else None
+        self.scratch = _Scratch(hidden.device, work)
+
+    def run(self) -> None:
+        """Reduce every block; Gram blocks are matrix products (threads help), the others memory-bound (they don't)."""
+        blocks = self.blocks
+        todo = [
+            (group, first, *block)
+            for group, (first, last, _) in enumerate(blocks.groups)
+            for block in blocks.blocks(first, last)
+        ]
+        _spread(self.reduce_block, todo, device=blocks.device, enough=self.use_gram and len(todo) >= 4)
+
+    def reduce_block(self, block: tuple[int, int, int, int, int]) -> None:
+        group, first, start, stop, width = block
+        p, d = stop - start, self.blocks.hidden_size
+        # two spare zero rows after the block: the band products of its last tokens read past it
+        flat = self.scratch.take(p * width + 2, d)
+        c = flat[: p * width].view(p, width, d)
+        mb = self.blocks.gather_into(c, start, stop, width)
+        if not (self.entropy or self.curvature):  # mean pooling only: one pass (rounding relative to the mean)
+            self.pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
+            return
+        mean, mean_norm = _center_(c, mb, zero_invalid=self.entropy)
+        if self.pool:
+            self.pooled[start:stop] = mean.squeeze(-2)
+        if self.use_gram:
+            self._gram_block(c, mean_norm, self.matrices[group][start - first : stop - first], start, stop, width)
+            return
+        if self.curvature:
+            flat[-2:] = 0.0
+            # token i times tokens i, i+1, i+2 of the flattened block, as one batched (1 x D) @ (D x 3); the
+            # products that reach into the next prompt land beyond each prompt's band and are never read
+            products = torch.bmm(flat[:-2].unsqueeze(-2), flat.unfold(0, 3, 1))
+            self.bands[start:stop, :width] = products.view(p, width, 3)
+            self.mean_norms[start:stop] = mean_norm
+        if self.use_cov:
+            squared = self.bands[start:stop, :width, 0] if self.curvature else torch.linalg.vector_norm(c, dim=-1).square_()
+            inverse, self.bad[start:stop] = _inverse_norms(squared, mean_norm)
+            z = c.mul_(inverse.unsqueeze(-1))
+            torch.matmul(z.mT, z, out=self.matrices[group][start - first : stop - first])
+
+    def _gram_block(self, c: Tensor, mean_norm: Tensor, stack: Tensor, start: int, stop: int, width: int) -> None:
+        """Gram of the centered rows scaled to unit rows, ``G_ij = <c_i, c_j> / (|c_i| |c_j|)``, into ``stack``; the
+        rows and columns beyond the block's longest prompt are exactly zero."""
+        stack[:, width:] = 0.0
+        stack[:, :width, width:] = 0.0
+        g = torch.matmul(c, c.mT, out=stack[:, :width, :width])
+        inverse, self.bad[start:stop] = _inverse_norms(torch.diagonal(g, 0, -2, -1), mean_norm)
+        g.mul_(inverse.unsqueeze(-1)).mul_(inverse.unsqueeze(-2))
+        if self.curvature:
+            for k in range(min(3, width)):
+                self.bands[start:stop, : width - k, k] = torch.diagonal(g, k, -2, -1)
+
+    def entropies(self, alpha: float, normalized: bool) -> Tensor:
+        """``[rows]`` prompt entropies (sorted order) from the filled matrices."""
+        blocks, count = self.blocks, self.blocks.count
+        values = torch.full((blocks.rows,), math.nan, dtype=torch.float64, device=blocks.device)
+        bads = [self.bad[start:stop] for start, stop, _ in blocks.groups]
+        for (start, stop, _), group_values in zip(blocks.groups, _matrix_entropies(self.matrices, alpha, bads)):
+            values[start:stop] = group_values
+        if normalized:
+            values = values / torch.log(count.to(torch.float64).clamp(max=blocks.hidden_size))
+        return torch.where((count < 2) | self.bad, math.nan, values)
+
+    def curvatures(self) -> tuple[Tensor, Tensor]:
+        """``([rows], [rows])`` signed and absolute curvature (sorted order) from the bands."""
+        bands, size = self.bands, self.size
+        d0, d1, d2 = bands[..., 0], bands[:, : size - 1, 1], bands[:, : max(size - 2, 0), 2]
+        bad = self.bad
+        if not self.use_gram:  # products of the centered tokens -> products of the unit tokens
+            inverse, bad = _inverse_norms(d0, self.mean_norms)
+            d0 = d0 * inverse * inverse
+            d1 = d1 * inverse[:, :-1] * inverse[:, 1:]
+            d2 = d2 * inverse[:, :-2] * inverse[:, 2:]
+        signed, absolute = _curvature_from_bands(d0, d1, d2, self.blocks.count)
+        return torch.where(bad, math.nan, signed), torch.where(bad, math.nan, absolute)
+
+
 def _token_core(
     hidden: Tensor,
     mask: Tensor | None,
@@ -49,108 +182,19 @@ def _token_core(
     alpha: float = 1.0,
     normalized: bool = True,
 ) -> dict[str, Tensor]:
-    """Shared engine of mean_pool, prompt_entropy, curvature and token_metrics (float64, shape [..., B]).
-
-    Blocks of prompts (see :class:`_TokenBlocks`) are copied to the working dtype (:func:`_working_dtype`:
-    float32 for float32/bfloat16/float16 states, float64 for float64 ones) and centered; their means (summed
-    in float64) are the mean-pooled embeddings. For entropy, the Gram matrices of their unit rows (or the
-    D x D covariances when the longest prompt exceeds D) are written into zero-padded stacks, one per size
-    group, that go through one spread-out ``eigvalsh`` batch (``alpha = 2``: Frobenius norms instead, no
-    eigenvalues); the entropies are computed in float64 from the eigenvalues. Curvature needs only the Gram diagonals ``<z_k, z_k>``,
-    ``<z_k, z_{k+1}>``, ``<z_k, z_{k+2}>``: read from the Gram matrices when there are some, else computed
-    as one batched product of each token with itself and its next two.
-    """
+    """``{names.PROMPT_ENTROPY, names.CURVATURE, names.CURVATURE_ABS, MEAN_POOL}`` (those asked for) of
+    :class:`_TokenPass`, back in the prompts' order."""
     hidden, mask = _check_tokens(hidden, mask)
-    work = _working_dtype(hidden)
-    blocks = _TokenBlocks(hidden, mask, itemsize=torch.finfo(work).bits // 8)
-    rows, d = blocks.rows, blocks.hidden_size
-    size = max(blocks.longest, 1)  # all-padding token positions are dropped everywhere
-    use_gram = entropy and size <= d
-    use_cov = entropy and size > d
-    if use_gram:
-        blocks.group_by_size(_GRAM_SIZE_STEP)
-    f64 = dict(dtype=torch.float64, device=hidden.device)
-    # the zero-padded Gram (n x n) or covariance (D x D) matrices of each group of rows
-    sizes = [(stop - start, n if use_gram else d) for start, stop, n in blocks.groups] if entropy else []
-    matrices = [torch.empty(count, n, n, dtype=work, device=hidden.device) for count, n in sizes]
-    bad = torch.zeros(rows, dtype=torch.bool, device=hidden.device)  # prompts holding non-finite values
-    if curvature:  # bands[row, i, k] = <c_i, c_{i+k}> of the centered tokens (of the unit tokens with a Gram)
-        bands = torch.zeros(rows, size, 3, **f64)
-    if curvature and not use_gram:  # to scale the bands to unit tokens afterwards
-        mean_norms = torch.zeros(rows, 1, **f64)
-    pooled = torch.full((rows, d), math.nan, **f64) if pool else None
-    scratch = _Scratch(hidden.device, work)
-
-    def reduce_block(block: tuple[int, int, int, int, int]) -> None:
-        group, first, start, stop, width = block
-        p = stop - start
-        # two spare zero rows after the block: the band products of its last tokens read past it
-        flat = scratch.take(p * width + 2, d)
-        c = flat[: p * width].view(p, width, d)
-        mb = blocks.gather_into(c, start, stop, width)
-        if not (entropy or curvature):  # mean pooling only: one pass (the mean's rounding is relative to itself)
-            pooled[start:stop] = _valid_mean(c, mb).squeeze(-2)
-            return
-        mean, mean_norm = _center_(c, mb, zero_invalid=entropy)
-        if pool:
-            pooled[start:stop] = mean.squeeze(-2)
-        if use_gram:
-            # Gram of the centered rows, scaled to unit rows: G_ij = <c_i, c_j> / (|c_i| |c_j|); the rows and
-            # columns beyond the block's longest prompt are exactly zero
-            stack = matrices[group][start - first : stop - first]
-            stack[:, width:] = 0.0
-            stack[:, :width, width:] = 0.0
-            g = torch.matmul(c, c.mT, out=stack[:, :width, :width])
-            inverse, bad[start:stop] = _inverse_norms(torch.diagonal(g, 0, -2, -1), mean_norm)
-            g.mul_(inverse.unsqueeze(-1)).mul_(inverse.unsqueeze(-2))
-            if curvature:
-                for k in range(min(3, width)):
-                    bands[start:stop, : width - k, k] = torch.diagonal(g, k, -2, -1)
-            return
-        if curvature:
-            flat[-2:] = 0.0
-            # token i times tokens i, i+1, i+2 of the flattened block, as one batched (1 x D) @ (D x 3); the
-            # products that reach into the next prompt land beyond each prompt's band and are never read
-            products = torch.bmm(flat[:-2].unsqueeze(-2), flat.unfold(0, 3, 1))
-            bands[start:stop, :width] = products.view(p, width, 3)
-            mean_norms[start:stop] = mean_norm
-        if use_cov:
-            squared = bands[start:stop, :width, 0] if curvature else torch.linalg.vector_norm(c, dim=-1).square_()
-            inverse, bad[start:stop] = _inverse_norms(squared, mean_norm)
-            z = c.mul_(inverse.unsqueeze(-1))
-            torch.matmul(z.mT, z, out=matrices[group][start - first : stop - first])
-
-    todo = [
-        (group, first, *block)
-        for group, (first, last, _) in enumerate(blocks.groups)
-        for block in blocks.blocks(first, last)
-    ]
-    # Gram blocks are matrix products: threads help. Without Gram the blocks are memory-bound: they do not.
-    _spread(reduce_block, todo, device=hidden.device, enough=use_gram and len(todo) >= 4)
-
-    count = blocks.count
+    engine = _TokenPass(hidden, mask, entropy=entropy, curvature=curvature, pool=pool)
+    engine.run()
     results: dict[str, Tensor] = {}
     if entropy:
-        values = torch.full((rows,), math.nan, **f64)
-        bads = [bad[start:stop] for start, stop, _ in blocks.groups]
-        for (start, stop, _), group_values in zip(blocks.groups, _matrix_entropies(matrices, alpha, bads)):
-            values[start:stop] = group_values
-        if normalized:
-            values = values / torch.log(count.to(torch.float64).clamp(max=d))
-        results["prompt_entropy"] = torch.where((count < 2) | bad, math.nan, values)
+        results[names.PROMPT_ENTROPY] = engine.entropies(alpha, normalized)
     if curvature:
-        d0, d1, d2 = bands[..., 0], bands[:, : size - 1, 1], bands[:, : max(size - 2, 0), 2]
-        if not use_gram:  # products of the centered tokens -> products of the unit tokens
-            inverse, bad = _inverse_norms(d0, mean_norms)
-            d0 = d0 * inverse * inverse
-            d1 = d1 * inverse[:, :-1] * inverse[:, 1:]
-            d2 = d2 * inverse[:, :-2] * inverse[:, 2:]
-        signed, absolute = _curvature_from_bands(d0, d1, d2, count)
-        results["curvature"] = torch.where(bad, math.nan, signed)
-        results["curvature_abs"] = torch.where(bad, math.nan, absolute)
+        results[names.CURVATURE], results[names.CURVATURE_ABS] = engine.curvatures()
     if pool:
-        results["mean_pool"] = pooled
-    return {key: blocks.unsort(value) for key, value in results.items()}
+        results[MEAN_POOL] = engine.pooled
+    return {key: engine.blocks.unsort(value) for key, value in results.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +258,7 @@ def mean_pool(hidden: Tensor, mask: Tensor | None = None) -> Tensor:
     hidden, bool_mask = _check_tokens(hidden, mask)
     if bool_mask is None or bool(bool_mask.all()):  # every token real: one reduction over the input, no copy
         return hidden.mean(-2, dtype=_result_dtype(hidden))
-    return _token_core(hidden, bool_mask, pool=True)["mean_pool"].to(_result_dtype(hidden))
+    return _token_core(hidden, bool_mask, pool=True)[MEAN_POOL].to(_result_dtype(hidden))
 
 
 @torch.no_grad()
@@ -249,7 +293,7 @@ def prompt_entropy(
     """
     alpha = _check_alpha(alpha)
     out = _token_core(hidden, mask, entropy=True, curvature=False, alpha=alpha, normalized=normalized)
-    return out["prompt_entropy"].to(_result_dtype(hidden))
+    return out[names.PROMPT_ENTROPY].to(_result_dtype(hidden))
 
 
 @torch.no_grad()
@@ -281,7 +325,7 @@ def curvature(hidden: Tensor, mask: Tensor | None = None, *, absolute: bool = Fa
         tensor([1.5708, 0.0000])
     """
     out = _token_core(hidden, mask, entropy=False, curvature=True)
-    return out["curvature_abs" if absolute else "curvature"].to(_result_dtype(hidden))
+    return out[names.CURVATURE_ABS if absolute else names.CURVATURE].to(_result_dtype(hidden))
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ show mid-depth compression while the loss falls). The rule: a collapse-watched m
 entropy, effective rank) at or below its floor at ``collapse_probes`` consecutive probes (default 2) at one layer.
 A watched metric that was defined at a layer and becomes undefined while the activations stay finite (every
 prompt's representation identical) is at its floor. A layer with an attention sink (``massive_activation`` at
-least :data:`layerwatch.metrics.SINK_NORM_RATIO` times the median token norm) is not judged: centering around the
+least :data:`SINK_LAYER_RATIO` times the median token norm) is not judged: centering around the
 sink token makes a healthy layer's entropies look collapsed. There is no relative-drop rule.
 """
 
@@ -14,30 +14,35 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from layerwatch.metrics import registry
+from layerwatch.metrics import names, registry
+from layerwatch.rundir.record import Alert
 
 logger = logging.getLogger(__name__)
 
 BIMODALITY_THRESHOLD = 5 / 9  # Sarle's coefficient of a uniform distribution; above it suggests two modes
-SINK_METRIC = "massive_activation"
+SINK_METRIC = names.MASSIVE_ACTIVATION
+# A layer whose mean massive_activation reaches this carries a massive attention sink, which makes its centred
+# entropies look collapsed; it is not judged. Higher than the per-token sink rule (SINK_NORM_RATIO = 3): a weak
+# sink of 3-9x the median does not fake a collapse, and a real collapse onto one line can spread norms that far.
+SINK_LAYER_RATIO = 10.0
 
 
 def sink_layers(layers: list[int], metrics: dict[str, list[float]]) -> set[int]:
     """Layers carrying an attention sink: ``massive_activation`` (the largest token norm over the median one, per
-    prompt, averaged over prompts) at least :data:`layerwatch.metrics.SINK_NORM_RATIO`. Empty when the record has
+    prompt, averaged over prompts) at least :data:`SINK_LAYER_RATIO`. Empty when the record has
     no such metric (a custom metric list without it: then no layer is excused)."""
-    from layerwatch.metrics import SINK_NORM_RATIO
-
     return {
         layer for layer, ratio in zip(layers, metrics.get(SINK_METRIC, []))
-        if math.isfinite(ratio) and ratio >= SINK_NORM_RATIO
+        if math.isfinite(ratio) and ratio >= SINK_LAYER_RATIO
     }
 
 
 @dataclass
 class AlertTracker:
-    """Turns per-layer metrics into alerts, remembering which conditions already fired.
+    """Turns per-layer metrics into :class:`~layerwatch.rundir.record.Alert` values, remembering which conditions
+    already fired.
 
     Args:
         collapse_threshold: the floor of collapse-watched metrics without their own ``collapse_floor`` in the
@@ -51,42 +56,44 @@ class AlertTracker:
     at_floor: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # steps of the current streak
     defined: set[tuple[str, int]] = field(default_factory=set)  # (metric, layer) seen with a finite value
 
-    def _once(self, key: tuple[str, str, int], message: str, out: list[str]) -> None:
+    @classmethod
+    def from_rules(cls, rules: Any) -> "AlertTracker":
+        """A tracker of :class:`layerwatch.monitor.options.AlertRules` (checked there)."""
+        return cls(collapse_threshold=rules.collapse_threshold, collapse_probes=rules.collapse_probes)
+
+    def _once(self, alert: Alert, out: list[Alert]) -> None:
+        key = (alert.kind, alert.metric or "", -1 if alert.layer is None else alert.layer)
         if key not in self.fired:
             self.fired.add(key)
-            out.append(message)
-            logger.warning("layerwatch alert: %s", message)
+            out.append(alert)
+            logger.warning("layerwatch alert: %s", alert.message)
 
-    def check(self, step: int, layers: list[int], metrics: dict[str, list[float]]) -> list[str]:
+    def check(self, step: int, layers: list[int], metrics: dict[str, list[float]]) -> list[Alert]:
         """The new alerts at this probe."""
-        alerts: list[str] = []
+        alerts: list[Alert] = []
         broken = set()
-        for layer, count in zip(layers, metrics.get("nonfinite", [])):
+        for layer, count in zip(layers, metrics.get(names.NONFINITE, [])):
             if count and count > 0:
                 broken.add(layer)
-                self._once(
-                    ("nonfinite", "activations", layer),
-                    f"nonfinite: layer {layer} has {int(count)} non-finite activation values at step {step}",
-                    alerts,
-                )
+                message = f"nonfinite: layer {layer} has {int(count)} non-finite activation values at step {step}"
+                self._once(Alert(names.NONFINITE, names.NONFINITE, layer, step, message), alerts)  # kind = the metric
         sinks = sink_layers(layers, metrics)
         for name in registry.collapse_metrics():
             floor = registry.spec(name).collapse_floor
             floor = self.collapse_threshold if floor is None else floor
             for layer, value in zip(layers, metrics.get(name, [])):
                 self._collapse(step, name, layer, value, floor, layer in broken or layer in sinks, alerts)
-        for layer, value in zip(layers, metrics.get("prompt_entropy_bimodality", [])):
+        for layer, value in zip(layers, metrics.get(names.PROMPT_ENTROPY_BIMODALITY, [])):
             if math.isfinite(value) and value > BIMODALITY_THRESHOLD:
-                self._once(
-                    ("bimodal", "prompt_entropy", layer),
+                message = (
                     f"bimodal: per-prompt prompt entropy at layer {layer} looks bimodal "
-                    f"(coefficient {value:.3f} > 5/9) at step {step}",
-                    alerts,
+                    f"(coefficient {value:.3f} > 5/9) at step {step}"
                 )
+                self._once(Alert("bimodal", names.PROMPT_ENTROPY_BIMODALITY, layer, step, message), alerts)
         return alerts
 
     def _collapse(
-        self, step: int, name: str, layer: int, value: float, floor: float, excused: bool, out: list[str]
+        self, step: int, name: str, layer: int, value: float, floor: float, excused: bool, out: list[Alert]
     ) -> None:
         key = (name, layer)
         finite = math.isfinite(value)
@@ -101,9 +108,8 @@ class AlertTracker:
         if len(streak) < self.collapse_probes:
             return
         now = f"{value:.3g}" if finite else "undefined (every prompt's representation is the same)"
-        self._once(
-            ("collapse", name, layer),
+        message = (
             f"collapse: {name} at layer {layer} has stayed at or below its floor {floor:g} for {len(streak)} "
-            f"consecutive probes (steps {streak[0]} to {streak[-1]}); now {now}",
-            out,
+            f"consecutive probes (steps {streak[0]} to {streak[-1]}); now {now}"
         )
+        self._once(Alert("collapse", name, layer, step, message), out)

@@ -7,6 +7,11 @@ Three jobs, each in one place:
   ``.training`` flag restored, compiled code run eagerly, FSDP2 parameters resharded afterwards.
 - :class:`LayerHooks` calls back with each layer's ``[B, T, D]`` output as soon as it is produced (index 0 is the
   input of the first block, i.e. the embedding output), and checks that every hook fired exactly once per forward.
+  An error in the callback is kept, never raised inside the forward (see there: it would desynchronise sharded
+  ranks). :func:`select_hidden` is the documented rule that finds the hidden state in a block's output (a tensor,
+  tuple, dict or dataclass); ``block_output=`` replaces it.
+- :class:`ForwardInputs` turns a probe micro-batch into the model's call: ``input_ids=`` for Hugging Face models,
+  the first positional argument for a ``forward(idx)`` (nanoGPT), or the user's ``forward_inputs=`` adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -208,6 +214,82 @@ def accepts_attention_mask(model: nn.Module) -> bool:
     return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+def _positional_input(model: nn.Module) -> bool:
+    """Whether the probe's ids go in as the forward's first positional argument (no ``input_ids`` parameter)."""
+    target = find_pretrained(model) or unwrap(model)
+    try:
+        parameters = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    if "input_ids" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return any(p.kind in positional for p in parameters.values())
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """How one probe micro-batch becomes the model's call: ``(args, kwargs) = inputs(ids, mask)``.
+
+    By default the ids go in as ``input_ids=`` (with ``options``, and ``attention_mask=`` where the forward takes
+    it); a forward without an ``input_ids`` parameter (nanoGPT's ``forward(idx, targets=None)``) gets them as its
+    first positional argument. ``adapter``, the ``forward_inputs=`` option of :class:`layerwatch.LayerWatch`, replaces
+    both: ``adapter(input_ids, attention_mask)`` returns the keyword arguments (a dict), the positional arguments
+    (a tuple) or the one positional argument (a tensor).
+    """
+
+    options: Mapping[str, Any]
+    pass_mask: bool
+    positional: bool = False
+    adapter: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, options: Mapping[str, Any], pass_mask: bool, adapter: Any = None) -> "ForwardInputs":
+        if adapter is not None and not callable(adapter):
+            raise TypeError(
+                f"forward_inputs must be a callable(input_ids, attention_mask) returning the forward's keyword "
+                f"arguments (a dict) or positional arguments (a tuple), got {type(adapter).__name__}"
+            )
+        if adapter is not None or not _positional_input(model):
+            return cls(dict(options), pass_mask, False, adapter)
+        target = find_pretrained(model) or unwrap(model)
+        takes_mask = "attention_mask" in inspect.signature(target.forward).parameters
+        return cls({}, takes_mask, True, None)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.adapter is not None:
+            made = self.adapter(ids, mask.long())
+            if isinstance(made, Mapping):
+                return (), dict(made)
+            if isinstance(made, torch.Tensor):
+                return (made,), {}
+            if isinstance(made, (tuple, list)):
+                return tuple(made), {}
+            raise TypeError(
+                f"forward_inputs returned {type(made).__name__}; it must return a dict of keyword arguments, a tuple "
+                "of positional arguments or one tensor"
+            )
+        kwargs = dict(self.options)
+        if self.pass_mask:
+            kwargs["attention_mask"] = mask.long()
+        if self.positional:
+            return (ids,), kwargs
+        return (), {"input_ids": ids, **kwargs}
+
+
+def explain_forward_error(error: BaseException) -> BaseException:
+    """``error`` from the model's forward, wrapped with the option that helps when the call did not fit its signature."""
+    if isinstance(error, TypeError) and "argument" in str(error):
+        wrapped = TypeError(
+            f"the model's forward did not take the probe's inputs ({error}); pass "
+            "forward_inputs=callable(input_ids, attention_mask) returning its keyword arguments (a dict) or "
+            "positional arguments (a tuple)"
+        )
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
 def _reshard_fsdp2(model: nn.Module) -> None:
     # A no-grad forward leaves an FSDP2 root's parameters unsharded (pytorch/pytorch#131965); reshard() is local.
     fsdp2_module = fsdp2_module_type()
@@ -244,11 +326,27 @@ def isolated(model: nn.Module) -> Iterator[None]:
         _reshard_fsdp2(model)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+_HIDDEN_KEYS = ("hidden_states", "last_hidden_state", "hidden", "x", "h")
+
+
+def select_hidden(value: Any) -> torch.Tensor | None:
+    """The hidden state in a block's output, by the documented rule (``None`` when nothing fits).
+
+    In order: a tensor is itself; a tuple or list gives its first element (looked into the same way); a mapping
+    (a ``dict``, a ``transformers`` ``ModelOutput``) its ``hidden_states``, ``last_hidden_state``, ``hidden``, ``x``
+    or ``h`` entry, else its only 3-D tensor value; any other object (a dataclass) its ``last_hidden_state`` or
+    ``hidden_states`` attribute. Anything else needs ``block_output=``.
+    """
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
+    if isinstance(value, (tuple, list)):
+        return select_hidden(value[0]) if value else None
+    if isinstance(value, Mapping):
+        for key in _HIDDEN_KEYS:
+            if isinstance(value.get(key), torch.Tensor):
+                return value[key]
+        tensors = [v for v in value.values() if isinstance(v, torch.Tensor) and v.dim() == 3]
+        return tensors[0] if len(tensors) == 1 else None
     for attribute in ("last_hidden_state", "hidden_states"):
         inner = getattr(value, attribute, None)
         if isinstance(inner, torch.Tensor):
@@ -259,29 +357,52 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 class LayerHooks:
     """Temporary hooks delivering ``callback(layer_index, hidden[B, T, D])`` for layers 0..len(blocks).
 
-    Use as a context manager; hooks are removed on exit, whatever happens. Call :meth:`check_and_reset` after each
-    forward: it raises :class:`CaptureError` unless every hook fired exactly once.
+    Use as a context manager; hooks are removed on exit, whatever happens. An exception in the callback (or in
+    finding the hidden state) never leaves the hook: it would abort this rank's forward, and under FSDP or ZeRO-3
+    leave the other ranks waiting in a parameter all-gather. It is kept in :attr:`error` (the first one), the
+    rest of that forward only counts the hooks, and :meth:`check_and_reset`, after the forward, raises it.
+
+    Args:
+        blocks: the block modules, in forward order.
+        callback: called with each layer's output.
+        block_output: optional ``callable(output) -> [B, T, D] tensor`` choosing the hidden state in a block's
+            output (default: :func:`select_hidden`).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], callback: Callable[[int, torch.Tensor], None]) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        callback: Callable[[int, torch.Tensor], None],
+        block_output: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
         self.blocks = list(blocks)
         self.callback = callback
+        self.select = block_output or select_hidden
         self.fired = [0] * (len(self.blocks) + 1)
+        self.error: BaseException | None = None
         self._handles: list[Any] = []
 
-    def _deliver(self, index: int, value: Any) -> None:
+    def _deliver(self, index: int, value: Any, *, is_input: bool = False) -> None:
         self.fired[index] += 1
-        hidden = _first_tensor(value)
-        if hidden is None or hidden.dim() != 3:
-            raise CaptureError(
-                f"layer {index} produced {type(value).__name__}, not a [batch, tokens, hidden] tensor; "
-                "pass layers= naming the model's block list"
-            )
-        self.callback(index, hidden)
+        if self.error is not None:
+            return
+        try:
+            hidden = select_hidden(value) if is_input else self.select(value)
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                what = "input" if is_input else "output"
+                raise CaptureError(
+                    f"the {what} of layer {index} is {type(value).__name__}, not a [batch, tokens, hidden] tensor "
+                    "that layerwatch can find; pass block_output=callable(output) -> [batch, tokens, hidden] tensor "
+                    "to choose it from the block's output, or layers= naming the model's block list"
+                )
+            self.callback(index, hidden)
+        except Exception as error:  # noqa: BLE001 - kept, raised after the forward (see the class docstring)
+            self.error = error
 
     def __enter__(self) -> "LayerHooks":
         def pre_hook(module, args, kwargs):
-            self._deliver(0, args[0] if args else kwargs.get("hidden_states"))
+            first = args[0] if args else next((kwargs[k] for k in _HIDDEN_KEYS if k in kwargs), None)
+            self._deliver(0, first, is_input=True)
 
         self._handles.append(self.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         for i, block in enumerate(self.blocks, start=1):
@@ -293,8 +414,15 @@ class LayerHooks:
             handle.remove()
         self._handles.clear()
 
+    def reset(self) -> None:
+        self.fired, self.error = [0] * len(self.fired), None
+
     def check_and_reset(self) -> None:
-        counts, self.fired = self.fired, [0] * len(self.fired)
+        """After a forward that finished: raise the hooks' error, or :class:`CaptureError` unless each fired once."""
+        counts, error = self.fired, self.error
+        self.reset()
+        if error is not None:
+            raise error
         wrong = {i: c for i, c in enumerate(counts) if c != 1}
         if wrong:
             raise CaptureError(

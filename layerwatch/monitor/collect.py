@@ -5,6 +5,8 @@ For one probe the monitor builds a :class:`Collector` from the selected metrics 
 - :meth:`Collector.micro_batches` walks this rank's share of the probe pass by pass (the clean batch, then each
   augmented view) and yields each micro-batch's model inputs, keeping the bookkeeping the hooks need (which global
   rows, which rows only pad this rank's shard so that every rank runs the same number of forwards);
+  :func:`forward_all` runs them through the model with the capture hooks, so that a failure in layerwatch's own
+  code on one rank never leaves the ranks' collectives unpaired (see there);
 - :meth:`Collector.on_layer`, the capture hooks' callback, reduces one layer's ``[b, T, D]`` at once (the tensor is
   not kept) into buffers: per-prompt values of token metrics, pooled rows, view rows, activation-health sums;
 - every :class:`Buffer` declares how it reduces across ranks, ``"sum"`` (each rank wrote only its own rows, or
@@ -15,47 +17,31 @@ For one probe the monitor builds a :class:`Collector` from the selected metrics 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from layerwatch import metrics as M
-from layerwatch.monitor.capture import CaptureError
+from layerwatch.metrics.names import MAX_ABS
+from layerwatch.monitor.capture import CaptureError, ForwardInputs, LayerHooks, explain_forward_error
+from layerwatch.monitor.distributed import (
+    ProbeError, agree_on_failure, all_ranks_max, collective, distributed, is_sharded,
+)
 from layerwatch.probe import take_rows
-from layerwatch.metrics.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs
+from layerwatch.metrics.registry import HEALTH, POOLED, REGISTRY, VIEWS, SetInputs, TokenInputs, standard_errors
 
-__all__ = ["Buffer", "Collector", "ProbeError", "all_ranks_max", "distributed", "passes", "set_level_metrics"]
+__all__ = [
+    "Buffer", "Collector", "ProbeError", "all_ranks_max", "distributed", "forward_all", "passes", "set_level_metrics",
+]
+
+logger = logging.getLogger(__name__)
 
 CLEAN = -1  # the pass index of the clean batch; k >= 0 is augmented view k
-
-
-class ProbeError(RuntimeError):
-    """A probe failed (on this rank or on another one)."""
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_ranks_max(value: float) -> float:
-    """The largest ``value`` over all ranks (itself outside torch.distributed). A collective: call it on every rank."""
-    if distributed()[1] == 1:
-        return value
-    tensor = torch.tensor([float(value)], device=_collective_device())
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return float(tensor.item())
 
 
 def passes(names: Sequence[str], probe: Any, views: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -117,7 +103,7 @@ class Collector:
         self.buffers: dict[str, Buffer] = {f"per_prompt/{name}": Buffer((layers, prompts), "sum") for name in self.token_names}
         if HEALTH in needs:
             self.buffers["health"] = Buffer((layers, 3), "sum")  # sum of squares, finite count, non-finite count
-            self.buffers["max_abs"] = Buffer((layers,), "max")  # |x| >= 0, so zeros are a neutral start
+            self.buffers[MAX_ABS] = Buffer((layers,), "max")  # |x| >= 0, so zeros are a neutral start
         if POOLED in needs:
             self.buffers["pooled"] = Buffer((layers, prompts, None), "sum")
         if self.views:
@@ -127,9 +113,10 @@ class Collector:
 
     # ---------------------------------------------------------------------------------- the forward passes
     def micro_batches(
-        self, batch_size: int, device: torch.device, options: dict[str, Any], pass_mask: bool
-    ) -> Iterator[dict[str, Any]]:
-        """Model inputs of each micro-batch of this rank's rows, for every pass (the same count on every rank)."""
+        self, batch_size: int, device: torch.device, inputs: ForwardInputs
+    ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """``(args, kwargs)`` of the model call of each micro-batch of this rank's rows, for every pass (the same
+        count on every rank)."""
         rank, world = distributed()
         prompts = self.probe.num_prompts
         per_rank = math.ceil(prompts / world)
@@ -143,10 +130,7 @@ class Collector:
                 ids, mask = take_rows(all_ids, all_mask, chunk)  # right-aligned already: positions start at 0
                 ids, mask = ids.to(device), mask.bool().to(device)
                 self._batch = _Batch(pass_index, chunk[chunk_real].to(device), chunk_real.to(device), mask)
-                inputs = {"input_ids": ids, **options}
-                if pass_mask:
-                    inputs["attention_mask"] = mask.long()
-                yield inputs
+                yield inputs(ids, mask)
 
     def on_layer(self, index: int, hidden: torch.Tensor) -> None:
         """Reduce layer ``index``'s ``[b, T, D]`` output of the current micro-batch into the buffers."""
@@ -176,7 +160,7 @@ class Collector:
         health[0] += kept.pow(2).sum()
         health[1] += finite.sum()
         health[2] += (~finite).sum()
-        max_abs = self._tensor("max_abs")
+        max_abs = self._tensor(MAX_ABS)
         max_abs[index] = torch.maximum(max_abs[index], kept.abs().max())
 
     def _tensor(self, name: str) -> torch.Tensor:
@@ -184,14 +168,12 @@ class Collector:
 
     # ------------------------------------------------------------------------------------------- the ranks
     def reduce_across_ranks(self, local_error: BaseException | None) -> None:
-        """Agree on errors (any rank failed: all raise), then one packed all-reduce per reduction kind."""
+        """Agree on errors (one small all-reduce of a failure flag: any rank failed, all raise), then one packed
+        all-reduce per reduction kind."""
+        if local_error is None and not self._allocated:
+            local_error = CaptureError("no layer output was captured")
+        agree_on_failure(local_error)
         world = distributed()[1]
-        if world > 1 and all_ranks_max(1.0 if local_error is not None else 0.0) > 0 and local_error is None:
-            raise ProbeError("the probe failed on another rank; all ranks skip this probe")
-        if local_error is not None:
-            raise local_error
-        if not self._allocated:
-            raise CaptureError("no layer output was captured")
         if world == 1:
             return
         for kind, op in (("sum", torch.distributed.ReduceOp.SUM), ("max", torch.distributed.ReduceOp.MAX)):
@@ -199,7 +181,8 @@ class Collector:
             if not group:
                 continue
             packed = torch.cat([b.tensor.flatten() for b in group])
-            torch.distributed.all_reduce(packed, op=op)
+            with collective(f"probe reduction ({kind})"):
+                torch.distributed.all_reduce(packed, op=op)
             offset = 0
             for buffer in group:
                 buffer.tensor = packed[offset : offset + buffer.tensor.numel()].view_as(buffer.tensor)
@@ -213,10 +196,64 @@ class Collector:
             pooled=tensor("pooled"),
             views=tensor("views"),
             health=tensor("health"),
-            max_abs=tensor("max_abs"),
+            max_abs=tensor(MAX_ABS),
             alpha=self.alpha,
             seed=seed,
         )
+
+
+def forward_all(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    collector: Collector,
+    inputs: ForwardInputs,
+    *,
+    batch_size: int,
+    device: torch.device,
+    block_output: Any = None,
+) -> BaseException | None:
+    """Every micro-batch through ``model``, the hooks feeding ``collector``; this rank's first error, if any.
+
+    An error in layerwatch's own hook code is caught in the hook (:class:`LayerHooks`): the forward finishes and
+    the remaining micro-batches still run, so that every rank's collectives stay paired. An error raised by the
+    model itself ends this rank's forward midway. Unsharded (one process, DDP, ZeRO-1/2) the other micro-batches
+    still run and the ranks agree afterwards; under FSDP1/FSDP2/ZeRO-3 the other ranks now wait in a parameter
+    all-gather that this rank will never join, which layerwatch cannot repair: it logs that at once, naming the
+    rank and the error, forwards nothing more, and skips the agreement (which would pair with a peer's all-gather).
+    """
+    sharded = is_sharded(model)
+    local_error: BaseException | None = None
+    with LayerHooks(blocks, collector.on_layer, block_output) as hooks:
+        for args, kwargs in collector.micro_batches(batch_size, device, inputs):
+            try:
+                model(*args, **kwargs)
+            except Exception as error:  # the model raised: this rank's forward stopped midway
+                hooks.reset()
+                local_error = local_error or explain_forward_error(error)
+                if sharded:
+                    _report_unrepairable(error)
+                continue
+            try:
+                hooks.check_and_reset()
+            except Exception as error:  # layerwatch's own failure: the forward finished, keep forwarding
+                local_error = local_error or error
+    return local_error
+
+
+class UnpairedCollectivesError(ProbeError):
+    """The model's forward raised on this rank under a sharded wrapper: the ranks' all-gathers are unpaired."""
+
+
+def _report_unrepairable(error: BaseException) -> None:
+    rank = distributed()[0]
+    message = (
+        f"layerwatch: the model's forward raised on rank {rank} during a probe under a sharded wrapper "
+        f"(FSDP1/FSDP2/DeepSpeed ZeRO-3): {type(error).__name__}: {error}. The other ranks are waiting in a parameter "
+        "all-gather this rank will not join; layerwatch cannot repair the collectives and forwards nothing more. "
+        "Expect the other ranks to fail at the process group's timeout"
+    )
+    logger.error(message)
+    raise UnpairedCollectivesError(message) from error
 
 
 def set_level_metrics(
@@ -227,16 +264,23 @@ def set_level_metrics(
 
     A layer with non-finite activations has no trustworthy metric: when health is collected, every other metric is
     NaN at such layers.
+
+    The standard errors (:func:`layerwatch.metrics.registry.standard_errors`; per-prompt ones from the reduced
+    per-prompt buffers, set-level ones by a jackknife over prompts) are computed on the main rank only, after the
+    reduction, and left in ``inputs.stderr`` as per-layer lists (NaN at the same broken layers).
     """
     for name in sorted(names, key=list(REGISTRY).index):  # registry order: later metrics may read earlier ones
         inputs.computed[name] = REGISTRY[name].set_value(inputs).double()
     # one-number metrics (best_layer) stay in inputs.computed: the record keeps them apart (record.scalars)
     values = {name: inputs.computed[name] for name in names if not REGISTRY[name].scalar}
+    errors = standard_errors(names, inputs, groups=None if distributed()[0] == 0 else 0)  # None: JACKKNIFE_GROUPS
     if inputs.health is not None:
         broken = inputs.health[:, 2] > 0
-        for name, per_layer in values.items():
-            if HEALTH not in REGISTRY[name].needs:
-                values[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
+        for table in (values, errors):
+            for name, per_layer in table.items():
+                if HEALTH not in REGISTRY[name].needs:
+                    table[name] = torch.where(broken.to(per_layer.device), torch.nan, per_layer)
+    inputs.stderr = {name: errors[name].cpu().tolist() for name in names if name in errors}
     metrics = {name: values[name].cpu().tolist() for name in names if name in values}
     per_prompt = {name: inputs.per_prompt[name].tolist() for name in names if REGISTRY[name].histogram}
     return metrics, per_prompt

@@ -24,7 +24,13 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from torch import nn
+
+from layerwatch.metrics import names, set_level_peak_bytes
+from layerwatch.metrics.registry import REGISTRY, TOKENS, VIEWS
+from layerwatch.monitor.capture import model_device
+from layerwatch.monitor.model_facts import ModelFacts, model_facts
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +142,7 @@ def estimate_probe_cost(
     parameters: int | None = None,
     views: int = 2,
     token_metrics: bool = True,
-    metric_names: Iterable[str] = ("dataset_entropy", "effective_rank", "infonce", "dime", "lidar"),
+    metric_names: Iterable[str] = (names.DATASET_ENTROPY, names.EFFECTIVE_RANK, names.INFONCE, names.DIME, names.LIDAR),
     alpha: float = 1.0,
     batch_size: int = 16,
     permutations: int = 10,
@@ -176,12 +182,7 @@ def estimate_probe_cost(
         if alpha != 2.0:
             parts["eigenvalues"] = _eigen_seconds([(min(n, d), layers) for n in lengths], rates)
         parts["passes"] = layers * sum(8.0 * n * d * 4 for n in lengths) / rates.bandwidth
-    names = set(metric_names)
-    sizes = [(min(m, d), layers * (("dataset_entropy" in names) + ("effective_rank" in names)))]
-    sizes += [(m, layers * (1 + permutations) * ("dime" in names)), (min(m * views, d), layers * ("lidar" in names))]
-    parts["set_level"] = _eigen_seconds(sizes, rates)
-    from layerwatch.metrics import set_level_peak_bytes
-
+    parts["set_level"] = _eigen_seconds(_set_level_sizes(set(metric_names), m, d, layers, views, permutations), rates)
     longest = max(lengths, default=0)
     n = min(longest, d)
     token_bytes = batch_size * (longest * d * 4 + 2 * n * n * 4 + longest * 3 * 8) if token_metrics else 0
@@ -191,9 +192,21 @@ def estimate_probe_cost(
         metric_seconds=sum(parts.values()),
         parts=parts,
         token_bytes=token_bytes,
-        set_level_bytes=set_level_peak_bytes(m, names),
+        set_level_bytes=set_level_peak_bytes(m, set(metric_names)),
         stored_bytes=stored,
     )
+
+
+def _set_level_sizes(
+    selected: set[str], m: int, d: int, layers: int, views: int, permutations: int
+) -> list[tuple[int, float]]:
+    """``(n, count)`` of the set-level eigenvalue problems of one probe."""
+    entropies = (names.DATASET_ENTROPY in selected) + (names.EFFECTIVE_RANK in selected)
+    return [
+        (min(m, d), layers * entropies),
+        (m, layers * (1 + permutations) * (names.DIME in selected)),
+        (min(m * views, d), layers * (names.LIDAR in selected)),
+    ]
 
 
 def warn_if_expensive(cost: ProbeCost, *, device: str = "cpu") -> bool:
@@ -214,7 +227,7 @@ def warn_if_expensive(cost: ProbeCost, *, device: str = "cpu") -> bool:
 
 
 def check_probe_cost(
-    model: Any,
+    model: ModelFacts | nn.Module,
     *,
     layers: int,
     lengths: Sequence[int],
@@ -222,32 +235,30 @@ def check_probe_cost(
     views: int,
     alpha: float,
     batch_size: int,
+    device: str | None = None,
 ) -> ProbeCost | None:
-    """Estimate a probe of ``model`` and warn (:func:`warn_if_expensive`) before its first forward pass.
+    """Estimate a probe of a model and warn (:func:`warn_if_expensive`) before its first forward pass.
 
-    The monitor calls this once per model, when the probed depth (``layers`` hidden states) is known; the width
-    and parameter count come from the model (its config's ``hidden_size``/``n_embd``/``d_model``, else its input
-    embeddings). Returns ``None`` when the width cannot be found.
+    The monitor calls this once per model, when the probed depth (``layers`` hidden states) is known, with the
+    model's :class:`~layerwatch.monitor.model_facts.ModelFacts` (a model is looked up with
+    :func:`~layerwatch.monitor.model_facts.model_facts`): their width and parameter count. ``device`` is the
+    device kind the probe runs on (default: the model's). Returns ``None`` when the width is unknown.
     """
-    from layerwatch.monitor.capture import model_config, model_device
-    from layerwatch.metrics.registry import REGISTRY, TOKENS, VIEWS
-
-    config = model_config(model)
-    width = next((getattr(config, key) for key in ("hidden_size", "n_embd", "d_model") if hasattr(config, key)), None)
-    if width is None and hasattr(model, "get_input_embeddings"):
-        width = getattr(model.get_input_embeddings(), "embedding_dim", None)
-    if not isinstance(width, int):
+    facts = model if isinstance(model, ModelFacts) else model_facts(model)
+    if facts.width is None:
         return None
-    names = list(metric_names)
-    device = model_device(model).type
+    if device is None:
+        owner = facts.model if not isinstance(model, nn.Module) else model
+        device = model_device(owner).type if owner is not None else "cpu"
+    selected = list(metric_names)
     cost = estimate_probe_cost(
         layers=layers,
-        width=width,
+        width=facts.width,
         tokens=[int(n) for n in lengths],
-        parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
-        views=views if any(VIEWS in REGISTRY[name].needs for name in names) else 0,
-        token_metrics=any(TOKENS in REGISTRY[name].needs for name in names),
-        metric_names=names,
+        parameters=facts.parameters or None,
+        views=views if any(VIEWS in REGISTRY[name].needs for name in selected) else 0,
+        token_metrics=any(TOKENS in REGISTRY[name].needs for name in selected),
+        metric_names=selected,
         alpha=alpha,
         batch_size=batch_size,
         device=device,

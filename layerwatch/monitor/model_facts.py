@@ -6,9 +6,10 @@ model weakly: it is forgotten when the model is freed (``trajectory`` loads one 
 read once, so a model changed in place afterwards (blocks replaced, embeddings resized) keeps its old facts; call
 :func:`forget_model_facts` after such a change.
 
-Used by :class:`layerwatch.LayerWatch` (blocks, forward options, mask, and the probe-fits check before the first
-forward), by ``layerwatch trajectory`` (the same check, per checkpoint) and by the integrations (positions and
-vocabulary when they build a probe, and an early check at construction).
+Used by :class:`layerwatch.LayerWatch` (blocks and their paths, forward options, mask, the probe-fits check before
+the first forward, and the cost estimate's width and parameter count), by ``layerwatch trajectory`` (the same check,
+per checkpoint) and by the integrations (positions, vocabulary and pad id when they build a probe, and an early
+check at construction): one model is resolved once on the Trainer's and Accelerate's start-up paths.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class ModelFacts:
         accepts_attention_mask: whether ``forward`` takes ``attention_mask``.
         max_positions: the longest sequence it takes (``None``: unbounded).
         vocab_size: ``config.vocab_size``, else the rows of the input embedding (``None``: unknown).
+        width: the hidden size (``config.hidden_size``/``n_embd``/``d_model``, else the input embedding's width;
+            ``None``: unknown).
+        parameters: the parameter count (DeepSpeed ZeRO-3's full sizes, not the local partitions).
+        pad_token_id: ``config.pad_token_id`` when it is a valid id (``None`` otherwise).
     """
 
     forward_options: Mapping[str, Any]
@@ -56,7 +61,16 @@ class ModelFacts:
     max_positions: int | None
     vocab_size: int | None
     _model: weakref.ref[nn.Module] = field(repr=False)
+    width: int | None = None
+    parameters: int = 0
+    pad_token_id: int | None = None
     _blocks: dict[Hashable, tuple[nn.Module, ...]] = field(default_factory=dict, repr=False)
+    _paths: dict[Hashable, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model these facts are about (``None`` once it was freed)."""
+        return self._model()
 
     def blocks(self, layers: str | Sequence[nn.Module] | None = None) -> tuple[nn.Module, ...]:
         """The blocks the hooks watch, in forward order (:func:`layerwatch.monitor.capture.find_blocks`), found once per
@@ -72,6 +86,18 @@ class ModelFacts:
             if model is None:  # pragma: no cover - facts outliving their model
                 raise ReferenceError("the model of these facts was freed")
             found = self._blocks[key] = tuple(find_blocks(model, layers))
+        return found
+
+    def block_paths(self, layers: str | Sequence[nn.Module] | None = None) -> tuple[str, ...]:
+        """The dotted paths of :meth:`blocks` inside the model (``"transformer.h.0"``, ...), without the wrappers'
+        own names (DDP's ``module.``, FSDP's ``_fsdp_wrapped_module.``, ``torch.compile``'s ``_orig_mod.``, ...), so
+        that the same selection has the same paths wrapped or not. A block outside the model is ``"?"``."""
+        key: Hashable = layers if layers is None or isinstance(layers, str) else ("modules", *map(id, layers))
+        found = self._paths.get(key)
+        if found is None:
+            blocks, model = self.blocks(layers), self._model()
+            named = {id(module): name for name, module in model.named_modules()} if model is not None else {}
+            found = self._paths[key] = tuple(_without_wrappers(named.get(id(block), "?")) for block in blocks)
         return found
 
     def check_probe(self, probe: Probe, longest: int | None = None) -> None:
@@ -116,12 +142,18 @@ def model_facts(model: nn.Module) -> ModelFacts:
     """
     facts = _CACHE.get(model)
     if facts is None:
+        config = model_config(model)
+        vocab_size = _vocab_size(model, config)
+        pad = getattr(config, "pad_token_id", None)
         facts = _CACHE[model] = ModelFacts(
             forward_options=MappingProxyType(forward_options(model)),
             accepts_attention_mask=accepts_attention_mask(model),
             max_positions=max_positions(model),
-            vocab_size=_vocab_size(model),
+            vocab_size=vocab_size,
             _model=weakref.ref(model),
+            width=_width(model, config),
+            parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
+            pad_token_id=pad if isinstance(pad, int) and 0 <= pad < (vocab_size or pad + 1) else None,
         )
     return facts
 
@@ -131,8 +163,26 @@ def forget_model_facts(model: nn.Module) -> None:
     _CACHE.pop(model, None)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    vocab = getattr(model_config(model), "vocab_size", None)
+_WRAPPER_NAMES = frozenset({"module", "_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module", "_forward_module"})
+
+
+def _without_wrappers(path: str) -> str:
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_NAMES) or path
+
+
+def _width(model: nn.Module, config: Any) -> int | None:
+    width = next((getattr(config, key) for key in ("hidden_size", "n_embd", "d_model") if hasattr(config, key)), None)
+    if not isinstance(width, int):
+        inner = find_pretrained(model) or unwrap(model)
+        try:
+            width = getattr(inner.get_input_embeddings(), "embedding_dim", None)
+        except (AttributeError, NotImplementedError):
+            width = None
+    return width if isinstance(width, int) and width > 0 else None
+
+
+def _vocab_size(model: nn.Module, config: Any) -> int | None:
+    vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and vocab > 0:
         return vocab
     inner = find_pretrained(model) or unwrap(model)

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from layerwatch.monitor.options import Schedule
+
 
 @dataclass
 class ProbeSchedule:
@@ -35,13 +37,13 @@ class ProbeSchedule:
     min_gap: int = 1
     last_step: int | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be a positive integer number of optimizer steps, got {self.every!r}")
-        if self.max_overhead is not None and not (0 < float(self.max_overhead) < 1):
-            raise ValueError(
-                f"max_overhead must be a fraction of wall time in (0, 1), e.g. 0.05 for 5%; got {self.max_overhead!r}"
-            )
+    def __post_init__(self) -> None:  # checked in one place: the options' Schedule
+        Schedule(self.every, self.log_spaced_start, self.at_start, self.max_overhead)
+
+    @classmethod
+    def from_options(cls, options: Schedule) -> "ProbeSchedule":
+        """The schedule of :class:`layerwatch.monitor.options.Schedule` options."""
+        return cls(options.every, options.log_spaced_start, options.probe_at_start, options.max_overhead)
 
     def is_scheduled(self, step: int) -> bool:
         """Whether ``step`` is on the nominal cadence, ignoring what was already probed."""
@@ -88,9 +90,12 @@ class TrainingPace:
         self._last: tuple[int, float] | None = None
 
     def observe(self, step: int) -> int | None:
-        """Note a call at ``step``; returns the previous call's step (None at the first call)."""
+        """Note a call at ``step``; returns the previous call's step (None at the first call). A repeat of the same
+        step (gradient accumulation calling once per micro-batch) keeps the time of that step's first call."""
         now = time.perf_counter()
         previous = self._last
+        if previous is not None and step == previous[0]:
+            return step
         if previous is not None and step > previous[0]:
             per_step = (now - previous[1]) / (step - previous[0])
             average = self.seconds_per_step

@@ -2,7 +2,8 @@
 
 Path of the data (one probe, :meth:`LayerWatch.run` -> ``_probe``)::
 
-    _validate                     the model can take the probe (vocabulary, positions); once per model
+    _validate                     once per model: the probe fits it (else it is cut to fit, with one warning), a
+                                  continued run keeps its recorded settings, the cost estimate
     Collector(metrics, probe)     buffers for what the selected metrics need (layerwatch.monitor.collect, from the registry)
     isolated(model)               eval + no_grad, RNG forked, flags restored, eager, FSDP2 resharded
       for each micro-batch of this rank's rows, pass by pass (clean batch, then each augmented view):
@@ -13,16 +14,19 @@ Path of the data (one probe, :meth:`LayerWatch.run` -> ``_probe``)::
                                       dropped and counted, never a failed probe; layerwatch.rundir.claim opens the run
                                       directory's writers)
 
-The schedule (:class:`layerwatch.monitor.schedule.ProbeSchedule`) says when; :attr:`LayerWatch.last_outcome` says what the
-last :meth:`~LayerWatch.step` or :meth:`~LayerWatch.run` call did.
+The options come grouped (:mod:`layerwatch.monitor.options`); the schedule
+(:class:`layerwatch.monitor.schedule.ProbeSchedule`) says when; :attr:`LayerWatch.last_outcome` says what the last
+:meth:`~LayerWatch.step` or :meth:`~LayerWatch.run` call did.
 """
 
 from __future__ import annotations
 
 import enum
+import inspect
 import logging
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,35 +37,40 @@ from torch import nn
 
 from layerwatch import metrics as M
 from layerwatch.metrics import registry
-from layerwatch._version import __version__
 from layerwatch.monitor.alerts import AlertTracker
-from layerwatch.monitor.capture import LayerHooks, isolated, model_device
-from layerwatch.monitor.collect import Collector, ProbeError, all_ranks_max, distributed, passes, set_level_metrics
+from layerwatch.monitor.capture import ForwardInputs, isolated, model_device
+from layerwatch.monitor.collect import Collector, ProbeError, all_ranks_max, distributed, forward_all, passes, set_level_metrics
+from layerwatch.monitor.distributed import agree_before_forward, fingerprint
 from layerwatch.monitor.cost import check_probe_cost
 from layerwatch.monitor.model_facts import ModelFacts, model_facts
+from layerwatch.monitor.options import (
+    DEFAULT_MEMORY_BUDGET,
+    GROUPS,
+    KEYWORDS,
+    LayerWatchOptions,
+    check_continuation,
+    first_recorded_settings,
+    run_settings,
+)
 from layerwatch.probe import Probe
 from layerwatch.monitor.references import References
+from layerwatch.rundir.files import JSONL_NAME, PROBE_FILENAME
 from layerwatch.rundir.record import ProbeRecord
 from layerwatch.metrics.registry import resolve_metrics
 from layerwatch.rundir.claim import open_writers
 from layerwatch.monitor.schedule import ProbeSchedule, TrainingPace
-from layerwatch.rundir.writers import Writer, WriterGroup, check_writers
+from layerwatch.rundir.writers import Writer, WriterGroup
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LayerWatch", "ProbeRecord", "ProbeError", "ProbeOutcome", "METRIC_PRESETS", "ALL_METRICS", "resolve_metrics",
-    "all_ranks_max",
+    "all_ranks_max", "check_options", "DEFAULT_MEMORY_BUDGET",
 ]
 
 # Derived aliases of the built-in metrics (the registry, layerwatch.metrics.registry, is the live source).
 METRIC_PRESETS: dict[str, tuple[str, ...]] = registry.metric_presets()
 ALL_METRICS = registry.all_metrics()
-
-
-DEFAULT_MEMORY_BUDGET = 2 << 30
-"""Default ``memory_budget`` of :class:`LayerWatch`: 2 GiB for the set-level metrics' peak (about 7,000 prompts
-with DiME)."""
 
 
 def check_memory_budget(num_prompts: int, metric_names: Sequence[str], budget: int | None) -> None:
@@ -89,33 +98,6 @@ class ProbeOutcome(str, enum.Enum):
     FAILED = "failed"  # the probe failed (logged and counted in layerwatch/errors; strict=True raises)
 
 
-def _check_arguments(probe: Any, alpha: Any, batch_size: Any, collapse_probes: Any) -> None:
-    if not isinstance(probe, Probe):
-        raise TypeError(
-            f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
-            "Probe.from_tensors or Probe.from_dataset"
-        )
-    check_options(alpha=alpha, batch_size=batch_size, collapse_probes=collapse_probes)
-
-
-def _settings(watch: "LayerWatch", world: int) -> dict[str, Any]:
-    """The settings a record carries, so that runs can be compared honestly."""
-    return {
-        "preset": watch.preset,
-        "metrics": list(watch.metric_names),
-        "alpha": watch.alpha,
-        "views": watch.num_views,
-        "infonce_temperature": 0.1,
-        "lidar_delta": 1e-4,
-        "dime_permutations": 10,
-        "num_prompts": watch.probe.num_prompts,
-        "batch_size": watch.batch_size,
-        "world_size": world,
-        "probe_hash": watch.probe.content_hash,
-        "layerwatch_version": __version__,
-    }
-
-
 def _labelled_metrics(names: tuple[str, ...], probe: Probe, *, explicit: bool) -> tuple[str, ...]:
     """``names`` without the metrics that need labels when the probe has none (an explicit request is refused)."""
     if probe.labels is not None:
@@ -141,20 +123,28 @@ def check_options(
 ) -> None:
     """Refuse :class:`LayerWatch` option values it cannot use (``ValueError`` naming the option).
 
-    :class:`LayerWatch` checks ``alpha``, ``batch_size`` and ``collapse_probes`` here (its schedule and
-    :func:`resolve_metrics` check the others as it builds them); the integrations call it with all six when they
-    are built, before training, so that nothing is checked twice in different words.
+    Kept for the integrations; each value is checked by its options group (:mod:`layerwatch.monitor.options`), the
+    one place it is checked. :func:`layerwatch.monitor.options.check_keywords` checks every option (and the names).
     """
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ValueError(f"alpha must be a positive number (1 = von Neumann entropy), got {alpha!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer number of prompts per forward, got {batch_size!r}")
-    if isinstance(collapse_probes, bool) or not isinstance(collapse_probes, int) or collapse_probes < 1:
-        raise ValueError(f"collapse_probes must be a positive number of consecutive probes, got {collapse_probes!r}")
-    if every is not None or max_overhead is not None:
-        ProbeSchedule(every=1 if every is None else every, max_overhead=max_overhead)
-    if metrics is not None:
-        resolve_metrics(metrics)
+    given: dict[str, Any] = {"alpha": alpha, "batch_size": batch_size, "collapse_probes": collapse_probes}
+    given.update({k: v for k, v in (("every", every), ("max_overhead", max_overhead), ("metrics", metrics)) if v is not None})
+    LayerWatchOptions.from_keywords(**given)
+
+
+def _signature() -> inspect.Signature:
+    """``LayerWatch``'s signature as ``help()`` and ``inspect`` show it: every option keyword, with its default."""
+    defaults = LayerWatchOptions().flat()
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    parameters = [
+        inspect.Parameter("probe", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("logdir", keyword),
+        inspect.Parameter("resume_step", keyword, default=None),
+        inspect.Parameter("model", keyword, default=None),
+        inspect.Parameter("options", keyword, default=None),
+        *(inspect.Parameter(name, keyword, default=defaults[name]) for name in KEYWORDS),
+        *(inspect.Parameter(name, keyword, default=None) for name in GROUPS),
+    ]
+    return inspect.Signature(parameters)
 
 
 class LayerWatch:
@@ -162,29 +152,39 @@ class LayerWatch:
 
     Args:
         probe: the fixed :class:`layerwatch.Probe` every probe runs.
-        logdir: run directory for ``layerwatch.jsonl``, TensorBoard events and ``probe.safetensors``; ``None``
-            writes nothing to disk (give ``writers=`` instead).
-        every: probe every N optimizer steps.
-        metrics: ``"light"``, ``"standard"`` (default), ``"paper"`` (LiDAR on 16 views) or a list of metric names.
-        alpha: Rényi order of the matrix entropies (1 = von Neumann).
-        layers: override block discovery: a dotted path (``"model.layers"``) or a list of modules.
-        batch_size: prompts per probe forward; bounds the probe's memory.
-        log_spaced_start: also probe at steps 1, 2, 4, ... below ``every``.
-        probe_at_start: also probe at step 0.
-        max_overhead: keep probe time below this fraction of training time by stretching the interval.
-        strict: re-raise probe failures instead of logging them and carrying on.
-        writers: extra writers (objects with ``write(record)`` and ``close()``), written on the main process.
-        tensorboard, jsonl: write TensorBoard events / the JSONL file into ``logdir``.
-        resume_step: the step a run resumed from: records after it are dropped and TensorBoard purges them.
-        device: where probe inputs go; default the device of the model's first parameter.
-        collapse_threshold: the floor of the normalized dataset entropy: at or below it (or effective rank at or
-            below 1.5) at ``collapse_probes`` consecutive probes, a layer raises a collapse alert; layers with an
-            attention sink are not judged (see :mod:`layerwatch.monitor.alerts` and the README).
-        collapse_probes: consecutive probes at the floor before a collapse alert (default 2).
-        seed: seeds DiME's permutations.
-        memory_budget: bytes the set-level metrics may use at their peak (default 2 GiB; ``None``: no check). A
-            probe whose estimate (:func:`layerwatch.metrics.set_level_peak_bytes`, the ``M x M`` matrices of DiME
-            and InfoNCE) exceeds it is refused here, before any training step, with the estimate and the knobs.
+        logdir: run directory for ``layerwatch.jsonl``, TensorBoard events and ``probe.safetensors`` (``~`` is
+            expanded); ``None`` writes nothing to disk (give ``writers=`` instead).
+        resume_step: the step a run resumed from: records after it are dropped and TensorBoard purges them. A run
+            continued in the same ``logdir`` (a resume, or any run appending to its records) must keep the recorded
+            settings that change the values (``alpha``, the layer selection, ...): another value is refused, naming
+            the setting (:func:`layerwatch.monitor.options.check_continuation`).
+        model: optional: the model, to fit the probe and check it now rather than at the first probe.
+        options: all options as one :class:`layerwatch.monitor.options.LayerWatchOptions` (instead of keywords).
+
+    Options, as keywords (or as whole groups: ``schedule=``, ``measurement=``, ``probing=``, ``alerts=``,
+    ``outputs=``; see :mod:`layerwatch.monitor.options`, where each is checked):
+
+    - schedule: ``every`` (probe every N optimizer steps, default 100), ``log_spaced_start`` (also steps 1, 2, 4,
+      ... below ``every``; default True), ``probe_at_start`` (also step 0), ``max_overhead`` (keep probe time below
+      this fraction of training time by stretching the interval; default None).
+    - measurement: ``metrics`` (``"light"``, ``"standard"`` (default), ``"paper"`` (LiDAR on 16 views) or a list
+      of metric names), ``alpha`` (Rényi order of the matrix entropies, 1 = von Neumann), ``seed`` (DiME's
+      permutations), ``memory_budget`` (bytes the set-level metrics may use at their peak, default 2 GiB; ``None``:
+      no check; a probe over it is refused here, before any training step, with the estimate and the knobs).
+    - probing: ``layers`` (override block discovery: a dotted path such as ``"model.layers"`` or a list of
+      modules), ``batch_size`` (prompts per probe forward, default 16), ``device`` (where probe inputs go; default
+      the model's first parameter's), ``strict`` (re-raise probe failures instead of logging them and carrying
+      on), ``forward_inputs`` (``callable(input_ids, attention_mask)`` giving the forward's arguments, for a model
+      that does not take ``input_ids=``), ``block_output`` (``callable(block output) -> [batch, tokens, hidden]``).
+    - alerts: ``collapse_threshold`` (the floor of the normalized dataset entropy, default 0.05) and
+      ``collapse_probes`` (consecutive probes at or below it before a collapse alert, default 2); layers with an
+      attention sink are not judged (see :mod:`layerwatch.monitor.alerts`).
+    - outputs: ``tensorboard``, ``jsonl`` (write TensorBoard events / the JSONL file into ``logdir``; default
+      True) and ``writers`` (extra writers, objects with ``write(record)`` and ``close()``, written on the main
+      process; formerly ``sinks=``, still accepted with a ``DeprecationWarning``).
+
+    A probe whose prompts or augmented views are longer than the model's positions is cut to the longest
+    ``max_length`` whose views fit, with one warning naming it, before its first forward.
     """
 
     def __init__(
@@ -192,59 +192,83 @@ class LayerWatch:
         probe: Any,
         *,
         logdir: str | os.PathLike | None,
-        every: int = 100,
-        metrics: str | Sequence[str] = "standard",
-        alpha: float = 1.0,
-        layers: str | Sequence[nn.Module] | None = None,
-        batch_size: int = 16,
-        log_spaced_start: bool = True,
-        probe_at_start: bool = False,
-        max_overhead: float | None = None,
-        strict: bool = False,
-        writers: Sequence[Writer] | None = None,
-        tensorboard: bool = True,
-        jsonl: bool = True,
         resume_step: int | None = None,
-        device: str | torch.device | None = None,
-        collapse_threshold: float = 0.05,
-        collapse_probes: int = 2,
-        seed: int = 0,
-        memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+        model: nn.Module | None = None,
+        options: LayerWatchOptions | None = None,
+        **keywords: Any,
     ) -> None:
-        _check_arguments(probe, alpha, batch_size, collapse_probes)
-        self.schedule = ProbeSchedule(
-            every=every, log_spaced_start=log_spaced_start, at_start=probe_at_start, max_overhead=max_overhead
-        )
-        self.preset, self.metric_names, lidar_views = resolve_metrics(metrics)
-        self.metric_names = _labelled_metrics(self.metric_names, probe, explicit=not isinstance(metrics, str))
-        check_memory_budget(probe.num_prompts, self.metric_names, memory_budget)
+        if not isinstance(probe, Probe):
+            raise TypeError(
+                f"probe must be a layerwatch.Probe, got {type(probe).__name__}; build one with Probe.from_texts, "
+                "Probe.from_tensors or Probe.from_dataset"
+            )
+        if options is not None and keywords:
+            raise TypeError(f"give options= or keywords ({', '.join(sorted(keywords))}), not both")
+        self.options = options if options is not None else LayerWatchOptions.from_keywords(**keywords)
+        self._set_up_metrics(probe)
+        self.schedule = ProbeSchedule.from_options(self.options.schedule)
+        self.alerts = AlertTracker.from_rules(self.options.alerts)
+        self.logdir = Path(logdir).expanduser() if logdir is not None else None
+        self.error_count = 0
+        self.last_outcome: ProbeOutcome | None = None
+        self._resume_step = resume_step
+        self._warned_kinds: set[str] = set()
+        self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # by identity, forgotten when freed
+        self._pace = TrainingPace()
+        self._writers = WriterGroup(strict=self.strict)
+        self._probed = 0  # probes that made a record
+        self._first_error: BaseException | None = None
+        self._block_paths: tuple[str, ...] | None = None
+        self.references: References | None = None
+        if resume_step is not None:  # the same on every rank, so all ranks keep probing at the same steps
+            self.schedule.last_step = resume_step
+        self._recorded = self._read_recorded_settings()
+        check_continuation(self._recorded, self._settings(), where=str(self.logdir))
+        if model is not None:  # fit the probe and check the model before anything is written
+            self._validate(model, model_facts(model))
+        if self.is_main_process:
+            self._open_writers(list(self.options.outputs.writers), resume_step)
+        self.references = self._references()
+
+    __signature__ = _signature()
+
+    def _set_up_metrics(self, probe: Probe) -> None:
+        measurement = self.options.measurement
+        self.preset, self.metric_names, lidar_views = resolve_metrics(measurement.metrics)
+        self.metric_names = _labelled_metrics(self.metric_names, probe, explicit=self.preset == "custom")
+        check_memory_budget(probe.num_prompts, self.metric_names, measurement.memory_budget)
         if lidar_views and len(probe.views) < lidar_views:
             probe = probe.with_views(lidar_views)
         self.probe = probe
         self.num_views = lidar_views
-        self.alpha = float(alpha)
-        self.layers = layers
-        self.batch_size = batch_size
-        self.strict = strict
-        self.device = torch.device(device) if device is not None else None
-        self.seed = seed
-        self.alerts = AlertTracker(collapse_threshold=collapse_threshold, collapse_probes=collapse_probes)
-        self.logdir = Path(logdir) if logdir is not None else None
-        self.error_count = 0
-        self.last_outcome: ProbeOutcome | None = None
-        self._warned_kinds: set[str] = set()
-        self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # by identity, forgotten when freed
-        self._pace = TrainingPace()
-        self._writers = WriterGroup(strict=strict)
-        if resume_step is not None:  # the same on every rank, so all ranks keep probing at the same steps
-            self.schedule.last_step = resume_step
-        if self.is_main_process:
-            self._open_writers(list(writers or []), tensorboard, jsonl, resume_step)
-        self.references = None
-        if any(registry.REFERENCE in registry.REGISTRY[name].needs for name in self.metric_names):
-            self.references = References(
-                probe.series_hash(0), self.logdir, resume_step=resume_step, write=self.is_main_process
-            )
+
+    def _read_recorded_settings(self) -> dict[str, Any] | None:
+        """The settings of the series this run continues (main process; a fresh run, ``resume_step < 0``, none)."""
+        if self.logdir is None or not self.is_main_process or (self._resume_step is not None and self._resume_step < 0):
+            return None
+        return first_recorded_settings(self.logdir / JSONL_NAME, self._resume_step)
+
+    def _references(self) -> References | None:
+        if not any(registry.REFERENCE in registry.REGISTRY[name].needs for name in self.metric_names):
+            return None
+        return References(
+            self.probe.series_hash(0), self.logdir, resume_step=self._resume_step, write=self.is_main_process
+        )
+
+    # ---------------------------------------------------------------------------------- the options, flat
+    alpha = property(lambda self: self.options.measurement.alpha, doc="The Rényi order of the matrix entropies.")
+    seed = property(lambda self: self.options.measurement.seed, doc="DiME's permutation seed.")
+    layers = property(lambda self: self.options.probing.layers, doc="The ``layers=`` override (None: discovered).")
+    batch_size = property(lambda self: self.options.probing.batch_size, doc="Prompts per probe forward.")
+    strict = property(lambda self: self.options.probing.strict, doc="Whether probe failures are raised.")
+    forward_inputs = property(lambda self: self.options.probing.forward_inputs, doc="The ``forward_inputs=`` adapter.")
+    block_output = property(lambda self: self.options.probing.block_output, doc="The ``block_output=`` selector.")
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where probe inputs go (None: the model's first parameter's device)."""
+        device = self.options.probing.device
+        return torch.device(device) if device is not None else None
 
     # ----------------------------------------------------------------------------------------------- set-up
     @property
@@ -255,10 +279,13 @@ class LayerWatch:
     def last_probed_step(self) -> int | None:
         return self.schedule.last_step
 
-    def _open_writers(self, extra: list[Writer], tensorboard: bool, jsonl: bool, resume_step: int | None) -> None:
-        self._writers.add(*check_writers(extra))
+    def _open_writers(self, extra: list[Writer], resume_step: int | None) -> None:
+        self._writers.add(*extra)
         if self.logdir is not None:
-            self._writers.add(*open_writers(self.logdir, self.probe, tensorboard=tensorboard, jsonl=jsonl, resume_step=resume_step))
+            outputs = self.options.outputs
+            self._writers.add(*open_writers(
+                self.logdir, self.probe, tensorboard=outputs.tensorboard, jsonl=outputs.jsonl, resume_step=resume_step
+            ))
 
     def add_writer(self, writer: Writer) -> None:
         """Send future records to ``writer`` too (main process only)."""
@@ -276,13 +303,14 @@ class LayerWatch:
         Returns the record, or ``None`` both when no probe was due and when it failed; :attr:`last_outcome` tells
         them apart (:class:`ProbeOutcome`).
 
-        ``step`` must be the optimizer step count of the whole run, increasing by one per call (e.g.
+        ``step`` must be the optimizer step count of the whole run, increasing by one per optimizer step (e.g.
         ``trainer.state.global_step``, or a counter you increment after each ``optimizer.step()``), never an epoch
-        number or a batch index that restarts each epoch. A step at or before one already seen is never probed,
-        and the first such call logs a warning.
+        number or a batch index that restarts each epoch. Calling it again with the same step (once per
+        micro-batch under gradient accumulation) is fine: a step is never probed twice. A step before one already
+        seen is never probed, and the first such call logs a warning.
         """
         previous = self._pace.observe(step)
-        if previous is not None and step <= previous:
+        if previous is not None and step < previous:
             self._warn_step_not_increasing(step, previous)
         if not self.should_probe(step):
             self.last_outcome = ProbeOutcome.NOT_DUE
@@ -315,6 +343,7 @@ class LayerWatch:
         try:
             record = self._probe(model, step, started)
             self.last_outcome = ProbeOutcome.PROBED
+            self._probed += 1
         except Exception as error:  # the monitor must not kill training
             self._report_failure(step, error)
             if self.strict:
@@ -331,8 +360,15 @@ class LayerWatch:
         """How many times a writer failed (a full or read-only disk, ...); each failed writer is closed and dropped."""
         return self._writers.error_count
 
+    @property
+    def sink_error_count(self) -> int:
+        """Deprecated name of :attr:`writer_error_count`."""
+        warnings.warn("LayerWatch.sink_error_count is deprecated; use writer_error_count", DeprecationWarning, stacklevel=2)
+        return self.writer_error_count
+
     def _report_failure(self, step: int, error: BaseException) -> None:
         self.error_count += 1
+        self._first_error = self._first_error or error
         kind = type(error).__name__
         if kind not in self._warned_kinds:
             self._warned_kinds.add(kind)
@@ -350,23 +386,75 @@ class LayerWatch:
         self.schedule.min_gap = int(all_ranks_max(gap))  # every rank must probe at the same steps
 
     def _validate(self, model: nn.Module, facts: ModelFacts) -> None:
-        """Refuse, before any forward, a probe the model cannot take (every rank decides alike)."""
+        """Before any forward, once per model: fit the probe to the model's positions (or refuse it), refuse a
+        continued series whose recorded settings this run would change, and warn about a costly probe."""
         if model in self._validated:
             return
+        self._fit_probe(facts)
         fed = passes(self.metric_names, self.probe, self.num_views)  # only what the selected metrics feed
         facts.check_probe(self.probe, longest=max(int(mask.sum(dim=1).max()) for _, _, mask in fed))
+        paths = facts.block_paths(self.layers)
+        check_continuation(self._recorded, self._settings(block_paths=paths), where=str(self.logdir))
+        self._block_paths = paths
         check_probe_cost(  # warns, before the first forward, about a probe far costlier than its forward passes
-            model, layers=len(facts.blocks(self.layers)) + 1, lengths=self.probe.attention_mask.sum(1).tolist(),
+            facts, layers=len(paths) + 1, lengths=self.probe.attention_mask.sum(1).tolist(),
             metric_names=self.metric_names, views=self.num_views, alpha=self.alpha, batch_size=self.batch_size,
+            device=(self.device or model_device(model)).type,
         )
         self._validated.add(model)
 
+    def _fit_probe(self, facts: ModelFacts) -> None:
+        """Cut a probe longer than the model's positions to the longest prompt whose fed views fit (one warning)."""
+        positions = facts.max_positions
+        uses_views = any(registry.VIEWS in registry.REGISTRY[name].needs for name in self.metric_names)
+        if positions is None:
+            return
+        fitted = self.probe.fitted_to(positions, uses_views=uses_views)
+        if fitted is self.probe:
+            return
+        longest = self.probe.max_length() if uses_views else int(self.probe.attention_mask.sum(dim=1).max())
+        max_length = int(fitted.attention_mask.sum(dim=1).max())
+        logger.warning(
+            "layerwatch: the probe has prompts%s of %d tokens but the model takes at most %d positions; its prompts "
+            "were cut to max_length=%d%s. Build the probe with max_length=%d (e.g. Probe.from_texts(texts, tokenizer, "
+            "max_length=%d)) to fit this model and silence this warning",
+            " (or augmented views, which insert tokens)" if uses_views else "", longest, positions, max_length,
+            ", the longest whose augmented views fit, and its views made again" if uses_views else "",
+            max_length, max_length,
+        )
+        self.probe = fitted
+        self._resave_probe()
+        if self.references is not None:
+            self.references = self._references()
+
+    def _resave_probe(self) -> None:
+        if self.logdir is None or not self.is_main_process or not (self.logdir / PROBE_FILENAME).exists():
+            return
+        try:
+            self.probe.save(self.logdir / PROBE_FILENAME)
+        except OSError as error:
+            logger.warning("layerwatch: could not save the fitted probe to %s (%s)", self.logdir, error)
+
+    def _settings(self, block_paths: Sequence[str] | None = None) -> dict[str, Any]:
+        """The settings a record carries: the values this probe uses (:func:`layerwatch.monitor.options.run_settings`)."""
+        return run_settings(
+            self.options, self.probe, self.metric_names, self.num_views, world=distributed()[1],
+            block_paths=block_paths if block_paths is not None else self._block_paths,
+        )
+
     def _probe(self, model: nn.Module, step: int, started: float) -> ProbeRecord:
-        facts = model_facts(model)
-        blocks = facts.blocks(self.layers)
-        self._validate(model, facts)
-        collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
-        local_error = self._forward(model, facts, blocks, collector)
+        blocks, refusal = None, None
+        try:  # a rank that refuses must still join the agreement below, or the others would wait alone
+            facts = model_facts(model)
+            blocks = facts.blocks(self.layers)
+            self._validate(model, facts)
+            collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
+            inputs = ForwardInputs.for_model(model, facts.forward_options, facts.accepts_attention_mask, self.forward_inputs)
+        except Exception as error:
+            refusal = error
+        sizing = (self.metric_names, self.num_views, self.batch_size)
+        agree_before_forward(fingerprint(self.probe, None if blocks is None else len(blocks), sizing), refusal)
+        local_error = self._forward(model, blocks, collector, inputs)
         collector.reduce_across_ranks(local_error)
         inputs = collector.set_inputs(self.seed)
         inputs.labels, inputs.probe_seed = self.probe.labels, self.probe.seed
@@ -377,27 +465,21 @@ class LayerWatch:
         notes = []
         if self.references is not None:
             self.references.update(inputs.pooled, step)
-            notes = self.references.take_reasons()
+            notes = self.references.take_reasons(step)
         record = self._record(step, started, len(blocks) + 1, metrics, per_prompt)
         record.scalars, record.alerts = scalars, notes + record.alerts
+        record.stderr = inputs.stderr
         return record
 
     def _forward(
-        self, model: nn.Module, facts: ModelFacts, blocks: Sequence[nn.Module], collector: Collector
+        self, model: nn.Module, blocks: Sequence[nn.Module], collector: Collector, inputs: ForwardInputs
     ) -> BaseException | None:
         """Every micro-batch through ``model``, the hooks feeding ``collector``; the first error, if any."""
         device = self.device or model_device(model)
-        options, pass_mask = facts.forward_options, facts.accepts_attention_mask
-        local_error: BaseException | None = None
-        with isolated(model), LayerHooks(blocks, collector.on_layer) as hooks:
-            for inputs in collector.micro_batches(self.batch_size, device, options, pass_mask):
-                try:
-                    model(**inputs)
-                    hooks.check_and_reset()
-                except Exception as error:  # keep forwarding: peers' collectives must stay paired
-                    hooks.fired = [0] * len(hooks.fired)
-                    local_error = local_error or error
-        return local_error
+        with isolated(model):
+            return forward_all(
+                model, blocks, collector, inputs, batch_size=self.batch_size, device=device, block_output=self.block_output
+            )
 
     def _record(
         self, step: int, started: float, num_layers: int, metrics: dict[str, list[float]], per_prompt: dict[str, Any]
@@ -412,7 +494,7 @@ class LayerWatch:
             metrics=metrics,
             per_prompt=per_prompt,
             alerts=alerts,
-            settings=_settings(self, distributed()[1]),
+            settings=self._settings(),
         )
         return record
 
@@ -426,7 +508,15 @@ class LayerWatch:
         self.error_count = int(state.get("error_count", self.error_count))
 
     def close(self) -> None:
-        """Flush and close every writer. Safe to call twice."""
+        """Flush and close every writer (safe to call twice). Warns when every probe of this monitor failed."""
+        if self._first_error is not None and self._probed == 0 and self.is_main_process:
+            error, self._first_error = self._first_error, None  # said once
+            logger.warning(
+                "layerwatch: every probe of this run failed (%d probes; the first error: %s: %s), so it wrote no "
+                "records%s. Fix that error (strict=True raises it where it happens) and run again",
+                self.error_count, type(error).__name__, error,
+                f" to {self.logdir}" if self.logdir is not None else "",
+            )
         self._writers.close()
 
     def __enter__(self) -> "LayerWatch":
@@ -437,7 +527,6 @@ class LayerWatch:
 
     def __del__(self) -> None:  # pragma: no cover - best effort for interactive use
         try:
-            self.close()
+            self._writers.close()
         except Exception:
             pass
-

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_OPERATIONS",
     "augment_batch",
     "make_views",
+    "fitting_length",
     "max_view_length",
     "right_align",
     "view_generator",
@@ -291,6 +292,34 @@ def max_view_length(
             length += int(_num_edits(editable, float(edit_fraction), max_edits)[0])
     return length
 
+
+def fitting_length(
+    positions: int,
+    *,
+    uses_views: bool = True,
+    edit_fraction: float = DEFAULT_EDIT_FRACTION,
+    max_edits: int | None = None,
+    operations: Sequence[str] = DEFAULT_OPERATIONS,
+) -> int:
+    """The longest prompt whose augmented views (when ``uses_views``) still fit ``positions`` positions: the
+    ``max_length`` that fits a model (views insert tokens, so a prompt of ``positions`` tokens does not).
+
+    Example:
+        >>> from layerwatch.probe.augment import fitting_length
+        >>> fitting_length(32), fitting_length(32, uses_views=False), fitting_length(128)
+        (24, 32, 98)
+    """
+    positions = check_int(positions, "positions", minimum=1)
+    if not uses_views:
+        return positions
+    low, high = 1, positions  # max_view_length grows with the length: the largest fitting one, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if max_view_length(middle, edit_fraction=edit_fraction, max_edits=max_edits, operations=operations) <= positions:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def augment_batch(

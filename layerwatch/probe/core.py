@@ -34,7 +34,16 @@ from typing import Any
 
 import torch
 
-from layerwatch.probe.augment import DEFAULT_EDIT_FRACTION, DEFAULT_OPERATIONS, augment_batch, right_align, view_generator
+from layerwatch.probe.augment import (
+    DEFAULT_EDIT_FRACTION,
+    DEFAULT_OPERATIONS,
+    augment_batch,
+    fitting_length,
+    right_align,
+    view_generator,
+)
+from layerwatch._version import __version__
+from layerwatch.metrics import check_labels
 from layerwatch.probe import sources as probe_sources
 from layerwatch.checks import (
     MIN_PROMPT_LENGTH,
@@ -135,8 +144,6 @@ def _check_probe_labels(labels: object, num_prompts: int) -> list[int | str] | N
     """The labels as a list of ints or strings, checked for probe_accuracy's folds; None stays None."""
     if labels is None:
         return None
-    from layerwatch.metrics import check_labels
-
     values = labels.tolist() if isinstance(labels, torch.Tensor) else labels
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"labels must be a list with one class (int or str) per prompt, got {type(labels).__name__}")
@@ -286,6 +293,38 @@ class Probe:
         probe.views = views
         return probe
 
+    def cropped(self, max_length: int) -> Probe:
+        """This probe with every prompt cut to its first ``max_length`` tokens, and as many views as it has,
+        generated again (from the same seed) from the cut prompts; settings and labels are kept."""
+        max_length = check_int(max_length, "max_length", minimum=MIN_PROMPT_LENGTH)
+        probe = type(self)(
+            self.input_ids[:, :max_length], self.attention_mask[:, :max_length], vocab_size=self.vocab_size,
+            seed=self.seed, tokenizer_name=self.tokenizer_name, pad_token_id=self.pad_token_id,
+            special_token_ids=self.special_token_ids, edit_fraction=self.edit_fraction, labels=self.labels,
+        )
+        return probe.with_views(len(self.views))
+
+    def fitted_to(self, positions: int, *, uses_views: bool = True) -> Probe:
+        """This probe when its prompts (and, where ``uses_views``, its views) fit a model of ``positions``
+        positions; else :meth:`cropped` to the longest prompt length whose views fit
+        (:func:`layerwatch.probe.augment.fitting_length`).
+
+        Raises:
+            ValueError: not even a prompt of :data:`MIN_PROMPT_LENGTH` tokens (and its views) fits.
+        """
+        positions = check_int(positions, "positions", minimum=1)
+        clean = int(self.attention_mask.sum(dim=1).max())
+        longest = self.max_length() if uses_views else clean
+        if longest <= positions:
+            return self
+        fitting = fitting_length(positions, uses_views=uses_views, edit_fraction=self.edit_fraction)
+        if fitting < MIN_PROMPT_LENGTH:
+            raise ValueError(
+                f"the model takes {positions} positions, too few for a probe prompt of {MIN_PROMPT_LENGTH} tokens and "
+                "its augmented views; use metrics='light' (no views) or a model with more positions"
+            )
+        return self.cropped(fitting)
+
     @property
     def num_prompts(self) -> int:
         """Number of prompts ``B``."""
@@ -402,8 +441,6 @@ class Probe:
         return path
 
     def _header(self) -> dict[str, str]:
-        from layerwatch._version import __version__
-
         metadata = {
             "format": PROBE_FORMAT,
             "format_version": str(PROBE_FORMAT_VERSION),

@@ -29,8 +29,12 @@ logger = logging.getLogger(__name__)
 NOT_TO_SCALE = "one column per probe; not to scale"
 NAN_COLOUR = "#c8c8c8"
 TENSORBOARD_DPI = 100
-# TensorBoard shrinks an image to its card (about 350-450 px wide), so its pictures use larger text than the reports'.
+# TensorBoard shrinks an image to its card (about 350-450 px wide), so its pictures use larger text than the reports',
+# a fixed size that shrinks about twofold on a card (text still about 12 px there), and fewer ticks.
 TENSORBOARD_SCALE = 1.6
+TENSORBOARD_HEATMAP_INCHES = (8.0, 5.0)
+TENSORBOARD_PROFILE_WIDTH = 8.0
+TENSORBOARD_TICKS = (6, 9)  # at most this many step and layer ticks
 
 # Anchor colours of matplotlib's "viridis", linearly interpolated: dark purple = low, yellow = high.
 _VIRIDIS = np.array(
@@ -57,8 +61,13 @@ def tick_positions(count: int, most: int) -> list[int]:
     """At most ``most`` evenly spread indices out of ``range(count)``, always with the first and the last."""
     if count <= most:
         return list(range(count))
-    positions = np.unique(np.round(np.linspace(0, count - 1, most)).astype(int))
-    return [int(p) for p in positions]
+    step = -(-(count - 1) // max(1, most - 1))  # an even stride, so the labels read as a scale
+    positions = list(range(0, count, step))
+    if positions[-1] != count - 1:
+        if count - 1 - positions[-1] < step / 2:
+            positions.pop()
+        positions.append(count - 1)
+    return positions
 
 
 def uniform_steps(steps: np.ndarray) -> bool:
@@ -78,6 +87,8 @@ def set_step_scale(axes: "Axes", steps: Sequence[float]) -> None:
     if len(positive) >= 3 and positive.max() / positive.min() >= 100:
         axes.set_xscale("symlog", linthresh=max(1.0, float(positive.min())))
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        low, high = float(steps.min()), float(steps.max())
+        axes.set_xlim(low - 0.05 if low <= 0 else low * 0.85, high * 1.15)  # no empty negative steps
 
 
 def heatmap_size(steps: int, layers: int, scale: float = 1.0) -> tuple[float, float]:
@@ -95,6 +106,22 @@ def new_figure(width: float, height: float, *, layout: str | None = "constrained
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout=layout)
+
+
+def grid_axes(
+    figure: "Figure", rows: int, columns: int, *, left: float = 0.6, right: float = 0.2, top: float = 0.5,
+    bottom: float = 0.55, wspace: float = 0.3, hspace: float = 0.55, **subplot_kw: Any,
+) -> np.ndarray:
+    """A ``[rows, columns]`` array of axes with margins in inches (``wspace``/``hspace``: fractions of a panel), for
+    a figure made with ``layout=None``: much cheaper to draw than a layout engine on a grid of many panels."""
+    width, height = figure.get_size_inches()
+    return figure.subplots(
+        rows, columns, squeeze=False, subplot_kw=subplot_kw or None,
+        gridspec_kw={
+            "left": left / width, "right": 1 - right / width, "top": 1 - top / height, "bottom": bottom / height,
+            "wspace": wspace, "hspace": hspace,
+        },
+    )
 
 
 def _axes_in_inches(figure: "Figure", left: float, bottom: float, right: float, top: float) -> "Axes":
@@ -128,8 +155,10 @@ def draw_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     title: str | None = None,
+    most_ticks: tuple[int, int] = (12, 17),
 ) -> Any:
-    """Draw a ``[layers, steps]`` matrix on ``axes``: layer 0 at the bottom, one column per probe.
+    """Draw a ``[layers, steps]`` matrix on ``axes``: layer 0 at the bottom, one column per probe (at most
+    ``most_ticks`` step and layer tick labels).
 
     The step axis is labelled with the probed steps; when they are unevenly spaced (log-spaced early probes) the
     axis label says the columns are not to scale. NaN cells are grey. Returns the image (for a colour bar).
@@ -143,9 +172,9 @@ def draw_heatmap(
         np.ma.masked_invalid(np.asarray(matrix, dtype=np.float64)),
         origin="lower", aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax,
     )
-    x_ticks = tick_positions(len(steps), 12)
-    axes.set_xticks(x_ticks, [str(int(steps[i])) for i in x_ticks], rotation=45 if len(steps) > 6 else 0)
-    y_ticks = tick_positions(len(layers), 17)
+    x_ticks = tick_positions(len(steps), most_ticks[0])
+    axes.set_xticks(x_ticks, [str(int(steps[i])) for i in x_ticks], rotation=45 if len(x_ticks) > 6 else 0)
+    y_ticks = tick_positions(len(layers), most_ticks[1])
     axes.set_yticks(y_ticks, [str(layers[i]) for i in y_ticks])
     spacing = "" if uniform_steps(steps) else f" ({NOT_TO_SCALE})"
     axes.set_xlabel("step" + spacing)
@@ -163,20 +192,50 @@ def heatmap_figure(
     metric: str,
     title: str | None = None,
     scale: float = 1.0,
+    size: tuple[float, float] | None = None,
+    most_ticks: tuple[int, int] = (12, 17),
+    threshold: float | None = None,
 ) -> "Figure":
     """A figure with one layer x step heatmap of ``metric`` and a colour bar labelled with its values.
 
     ``scale``: text size relative to matplotlib's default (render the figure inside :func:`text_scale` too).
+    ``size``: the figure's (width, height) in inches (default :func:`heatmap_size`; the report draws at page width).
+    ``threshold``: a value marked on the colour bar (a dashed line, e.g. the bimodality coefficient's 5/9).
     """
-    figure = new_figure(*heatmap_size(len(steps), len(layers), scale), layout=None)
+    figure = new_figure(*(size or heatmap_size(len(steps), len(layers), scale)), layout=None)
     left, bottom, right, top = 0.75 * scale, 0.95 * scale, 1.45 * scale, 0.4 * scale
     axes = _axes_in_inches(figure, left, bottom, right, top)
-    image = draw_heatmap(axes, matrix, steps, layers, title=title or metric)
+    image = draw_heatmap(axes, matrix, steps, layers, title=title or metric, most_ticks=most_ticks)
     width, height = figure.get_size_inches()
     colour_left, colour_width = width - right + 0.15 * scale, 0.18 * scale
     colour_axes = figure.add_axes((colour_left / width, bottom / height, colour_width / width, 1 - (bottom + top) / height))
-    figure.colorbar(image, cax=colour_axes).set_label(metric)
+    colour_bar = figure.colorbar(image, cax=colour_axes)
+    colour_bar.set_label(metric)
+    if threshold is not None:
+        colour_bar.ax.axhline(threshold, color="#d62728", lw=2.0, ls="--")
     return figure
+
+
+def draw_small_heatmap(
+    axes: "Axes", matrix: np.ndarray, steps: Sequence[int], layers: Sequence[int], *, title: str
+) -> Any:
+    """A thumbnail of a ``[layers, steps]`` heatmap for small multiples: layer 0 at the bottom, few ticks (first,
+    middle and last layer; first and last step), the title in small text. Returns the image (for a colour bar)."""
+    import matplotlib
+
+    steps, layers = list(steps), list(layers)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=NAN_COLOUR)
+    image = axes.imshow(
+        np.ma.masked_invalid(np.asarray(matrix, dtype=np.float64)),
+        origin="lower", aspect="auto", cmap=cmap, interpolation="nearest",
+    )
+    y_ticks = tick_positions(len(layers), 3)
+    axes.set_yticks(y_ticks, [str(layers[i]) for i in y_ticks])
+    x_ticks = tick_positions(len(steps), 2)
+    axes.set_xticks(x_ticks, [str(int(steps[i])) for i in x_ticks])
+    axes.tick_params(labelsize=7, length=2, pad=1)
+    axes.set_title(title, fontsize=8.5 if len(title) <= 20 else 7.0, pad=3)
+    return image
 
 
 def text_scale(scale: float) -> Any:
@@ -187,12 +246,16 @@ def text_scale(scale: float) -> Any:
 
 
 def profile_figure(
-    values: np.ndarray, layers: Sequence[int], *, metric: str, step: int, scale: float = 1.0
+    values: np.ndarray, layers: Sequence[int], *, metric: str, step: int, scale: float = 1.0,
+    width: float | None = None, threshold: float | None = None, most_ticks: int = 40,
 ) -> "Figure":
-    """Per-layer values as bars from zero (layer 0 on the left), each bar labelled with its value."""
+    """Per-layer values as bars from zero (layer 0 on the left), each bar labelled with its value (up to 24 layers);
+    ``width`` in inches (default: grows with the layers); ``threshold``: a dashed horizontal line at that value (e.g.
+    the bimodality coefficient's 5/9); at most ``most_ticks`` layer tick labels."""
     values = np.asarray(values, dtype=np.float64)
     layers = list(layers)
-    width = min(14.0, max(7.0, 2.0 + 0.42 * len(layers))) + 1.0 * (scale - 1)
+    if width is None:
+        width = min(14.0, max(7.0, 2.0 + 0.42 * len(layers))) + 1.0 * (scale - 1)
     figure = new_figure(width, 4.0 + 1.0 * (scale - 1), layout=None)
     axes = _axes_in_inches(figure, 0.85 * scale, 0.6 * scale, 0.2 * scale, 0.4 * scale)
     shown = np.nan_to_num(values, nan=0.0)
@@ -200,14 +263,20 @@ def profile_figure(
     bars = axes.bar(np.arange(len(layers)), shown, color=colours, width=0.8)
     labels = [format_value(v) for v in values]
     vertical = len(layers) > 12
-    axes.bar_label(bars, labels, padding=2, fontsize="x-small" if vertical else "small", rotation=90 if vertical else 0)
+    if len(layers) <= 24:  # more labels than that overlap
+        axes.bar_label(bars, labels, padding=2, fontsize="x-small" if vertical else "small", rotation=90 if vertical else 0)
     axes.axhline(0.0, color="#444444", lw=0.8)
+    if threshold is not None:
+        axes.axhline(threshold, color="#d62728", lw=1.5, ls="--")
+        axes.annotate(format_value(threshold), (1.0, threshold), xycoords=("axes fraction", "data"), color="#d62728",
+                      ha="right", va="bottom", fontsize="small")
+        shown = np.append(shown, threshold)  # (keeps the line inside the y range)
     low, high = min(0.0, float(shown.min(initial=0.0))), max(0.0, float(shown.max(initial=0.0)))
     span = (high - low) or 1.0
     room = 0.25 if vertical else 0.12
     axes.set_ylim(low - (room * span if low < 0 else 0.0), high + room * span)
     axes.set_xlim(-0.6, len(layers) - 0.4)
-    ticks = tick_positions(len(layers), 40)
+    ticks = tick_positions(len(layers), most_ticks)
     axes.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize="small" if len(layers) > 20 else None)
     axes.set_xlabel("layer (0 = embeddings)")
     axes.set_ylabel(metric)
@@ -216,13 +285,22 @@ def profile_figure(
     return figure
 
 
-def format_value(value: float) -> str:
-    """A short label for a number: 3 significant decimals, ``nan`` for NaN."""
+def format_value(value: float, digits: int = 3) -> str:
+    """A short label for a number: ``digits`` significant digits (``0.530``, ``2.07``, ``41.2``, ``1350``), the
+    exponent form only below 1e-3 or from 1e6 on, never ``-0``; ``nan`` for NaN."""
     if not np.isfinite(value):
         return "nan"
-    if value != 0 and (abs(value) >= 1000 or abs(value) < 1e-2):
-        return f"{value:.2g}"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    value = float(value)
+    if value == 0.0:
+        return "0"
+    exponent = int(np.floor(np.log10(abs(value))))
+    if -3 <= exponent < 6:
+        text = f"{value:.{max(0, digits - 1 - exponent)}f}"
+    else:
+        text = f"{value:.{digits - 1}e}"
+    if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]):
+        text = text[1:]
+    return text
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,8 +314,10 @@ def heatmap(
     layers: Sequence[int] | None = None,
     *,
     metric: str = "",
+    threshold: float | None = None,
 ) -> np.ndarray:
-    """A ``[layers, steps]`` matrix as an ``[H, W, 3]`` uint8 image (a labelled chart when matplotlib is present)."""
+    """A ``[layers, steps]`` matrix as an ``[H, W, 3]`` uint8 image (a labelled chart when matplotlib is present,
+    sized for TensorBoard's cards; ``threshold`` is marked on the colour bar)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     steps = list(range(matrix.shape[1])) if steps is None else list(steps)
     layers = list(range(matrix.shape[0])) if layers is None else list(layers)
@@ -245,13 +325,15 @@ def heatmap(
         return plain_heatmap(matrix)
     with text_scale(TENSORBOARD_SCALE):
         figure = heatmap_figure(
-            matrix, steps, layers, metric=metric or "value", title=metric or None, scale=TENSORBOARD_SCALE
+            matrix, steps, layers, metric=metric or "value", title=metric or None, scale=TENSORBOARD_SCALE,
+            size=TENSORBOARD_HEATMAP_INCHES, most_ticks=TENSORBOARD_TICKS, threshold=threshold,
         )
         return to_array(figure)
 
 
 def depth_profile(
-    values: np.ndarray, layers: Sequence[int] | None = None, *, metric: str = "", step: int = 0
+    values: np.ndarray, layers: Sequence[int] | None = None, *, metric: str = "", step: int = 0,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """Per-layer values as an ``[H, W, 3]`` uint8 bar chart from zero (labelled, with values, under matplotlib)."""
     values = np.asarray(values, dtype=np.float64)
@@ -259,7 +341,10 @@ def depth_profile(
     if not have_matplotlib():
         return plain_depth_profile(values)
     with text_scale(TENSORBOARD_SCALE):
-        figure = profile_figure(values, layers, metric=metric or "value", step=step, scale=TENSORBOARD_SCALE)
+        figure = profile_figure(
+            values, layers, metric=metric or "value", step=step, scale=TENSORBOARD_SCALE,
+            width=TENSORBOARD_PROFILE_WIDTH, threshold=threshold, most_ticks=17,
+        )
         return to_array(figure)
 
 

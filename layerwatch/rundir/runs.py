@@ -1,23 +1,21 @@
 """Reading a run back: ``layerwatch.read_run(logdir)`` returns its per-layer time series as numpy arrays.
 
-Any metric name is read (registered or not, e.g. from an older version); :func:`summary_table` shows the registry's
+Any metric name is read (registered or not, e.g. from an older version); :func:`layerwatch.analysis.summary.summary_table` shows the registry's
 ``summary`` metrics by default."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from layerwatch.metrics import registry
-from layerwatch.rundir.record import SCALAR_PREFIX, ProbeRecord
-from layerwatch.rundir.files import JSONL_NAME
+from layerwatch.rundir.record import SCALAR_PREFIX, STDERR_PREFIX, ProbeRecord
+from layerwatch.rundir.files import JSONL_NAME, PROBE_FILENAME, RUN_SUBFOLDER
 from layerwatch.rundir.writers import read_jsonl_records
 
 logger = logging.getLogger(__name__)
@@ -25,6 +23,7 @@ logger = logging.getLogger(__name__)
 _SCALAR_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)/layer_(?P<layer>\d+)$")
 _LAYER_RUN = re.compile(r"^layer_(?P<layer>\d+)$")
 _METRIC_TAG = re.compile(rf"^{SCALAR_PREFIX}/(?P<metric>[^/]+)$")
+_STDERR_TAG = re.compile(rf"^{STDERR_PREFIX}/(?P<metric>[^/]+)$")
 
 
 class Run:
@@ -40,7 +39,7 @@ class Run:
 
     def __init__(
         self, logdir: Path, records: list[ProbeRecord], values: dict[str, np.ndarray], steps, layers,
-        scalars: dict[str, np.ndarray] | None = None,
+        scalars: dict[str, np.ndarray] | None = None, stderr: dict[str, np.ndarray] | None = None,
     ):
         self.logdir = logdir
         self._scalars = scalars or {}
@@ -50,6 +49,7 @@ class Run:
         self.layers = list(layers)
         self._values = values
         self.metrics = list(values)
+        self._stderr = stderr or {}
 
     def metric(self, name: str) -> np.ndarray:
         """``[steps, layers]`` values of one metric (NaN where a probe did not record it)."""
@@ -62,6 +62,19 @@ class Run:
         if name not in self._scalars:
             raise KeyError(f"scalar {name!r} is not in this run; it has {self.scalars}")
         return self._scalars[name]
+
+    def stderr(self, name: str) -> np.ndarray:
+        """``[steps, layers]`` standard errors of one metric (SPEC §8; NaN where a probe did not record one).
+
+        Per-prompt metrics: std(ddof=1)/sqrt(n) of the per-prompt values; set-level metrics: the seeded resampling
+        estimate of :mod:`layerwatch.metrics.uncertainty`. A metric of the run without standard errors (e.g. from
+        an older version) gives all NaN; a name the run does not know raises KeyError.
+        """
+        if name in self._stderr:
+            return self._stderr[name]
+        if name not in self._values:
+            raise KeyError(f"metric {name!r} is not in this run; it has {self.metrics}")
+        return np.full(self._values[name].shape, np.nan)
 
     def per_prompt(self, name: str, step: int | None = None) -> np.ndarray:
         """``[layers, prompts]`` per-prompt values of ``name`` at ``step`` (default: the last probed step)."""
@@ -103,21 +116,27 @@ def _from_records(logdir: Path, records: list[ProbeRecord]) -> Run:
     for record in ordered:
         names.extend(n for n in record.metrics if n not in names)
     values = {name: np.full((len(ordered), len(layers)), np.nan) for name in names}
+    stderr: dict[str, np.ndarray] = {}
     for i, record in enumerate(ordered):
         for name, per_layer in record.metrics.items():
             for layer, value in zip(record.layers, per_layer):
                 values[name][i, column[layer]] = value
+        for name, per_layer in record.stderr.items():
+            errors = stderr.setdefault(name, np.full((len(ordered), len(layers)), np.nan))
+            for layer, value in zip(record.layers, per_layer):
+                errors[i, column[layer]] = value
     scalars: dict[str, np.ndarray] = {}
     for i, record in enumerate(ordered):
         for name, value in record.scalars.items():
             scalars.setdefault(name, np.full(len(ordered), np.nan))[i] = value
-    return Run(logdir, ordered, values, [r.step for r in ordered], layers, scalars)
+    return Run(logdir, ordered, values, [r.step for r in ordered], layers, scalars, stderr)
 
 
 def _from_event_files(logdir: Path) -> Run:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     series: dict[tuple[str, int], dict[int, float]] = {}
+    errors: dict[tuple[str, int], dict[int, float]] = {}  # standard errors: layer_NN/layerwatch_stderr/<metric>
     scalar_points: dict[str, dict[int, float]] = {}
     scalar_tags = {f"{SCALAR_PREFIX}/{name}": name for name in registry.scalar_metrics()}
     event_dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
@@ -131,15 +150,16 @@ def _from_event_files(logdir: Path) -> Run:
                     scalar_points.setdefault(scalar_tags[tag], {})[int(event.step)] = float(event.value)
                 continue
             if layer_dir is not None:  # the layout with one TensorBoard run per layer: layer_NN/layerwatch/<metric>
-                match = _METRIC_TAG.match(tag)
+                match = _METRIC_TAG.match(tag) or _STDERR_TAG.match(tag)
                 key = None if match is None else (match["metric"], int(layer_dir["layer"]))
             else:  # the earlier layout: layerwatch/<metric>/layer_NN in the run itself
                 match = _SCALAR_TAG.match(tag)
                 key = None if match is None else (match["metric"], int(match["layer"]))
             if key is None:
                 continue
+            table = errors if tag.startswith(STDERR_PREFIX + "/") else series
             for event in accumulator.Scalars(tag):
-                series.setdefault(key, {})[int(event.step)] = float(event.value)
+                table.setdefault(key, {})[int(event.step)] = float(event.value)
     if not series:
         raise FileNotFoundError(
             f"{logdir} has neither {JSONL_NAME} nor TensorBoard scalars ('layer_<NN>/{SCALAR_PREFIX}/<metric>' or "
@@ -153,11 +173,14 @@ def _from_event_files(logdir: Path) -> Run:
             names.append(name)
     row, column = {s: i for i, s in enumerate(steps)}, {layer: j for j, layer in enumerate(layers)}
     values = {name: np.full((len(steps), len(layers)), np.nan) for name in names}
-    for (name, layer), points in series.items():
-        for step, value in points.items():
-            values[name][row[step], column[layer]] = value
+    stderr = {name: np.full((len(steps), len(layers)), np.nan) for name, _ in errors}
+    for table, arrays in ((series, values), (errors, stderr)):
+        for (name, layer), points in table.items():
+            for step, value in points.items():
+                if step in row and layer in column:
+                    arrays[name][row[step], column[layer]] = value
     scalars = {name: np.array([points.get(step, np.nan) for step in steps]) for name, points in scalar_points.items()}
-    return Run(logdir, [], values, steps, layers, scalars)
+    return Run(logdir, [], values, steps, layers, scalars, stderr)
 
 
 class SeveralRunsError(ValueError):
@@ -177,9 +200,6 @@ class SeveralRunsError(ValueError):
         )
 
 
-_LAYER_FOLDER = re.compile(r"^layer_\d+$")
-
-
 def _has_layerwatch_scalars(event_file: Path) -> bool:
     """Whether a TensorBoard event file holds layerwatch tags (read from its first MiB; others, e.g. the Trainer's
     own logs, are not runs)."""
@@ -192,13 +212,14 @@ def _has_layerwatch_scalars(event_file: Path) -> bool:
 
 def find_runs(path: str | os.PathLike) -> list[Path]:
     """The layerwatch runs in ``path`` and its subfolders, sorted: every folder holding ``layerwatch.jsonl``, and
-    every folder of layerwatch TensorBoard events outside those (a run's ``layer_<NN>/`` subfolders belong to it)."""
+    every folder of layerwatch TensorBoard events outside those (a run's ``layer_<NN>/``, ``all_layers/`` and
+    ``bimodality_threshold_5_9/`` subfolders belong to it)."""
     path = Path(path)
     with_jsonl = {p.parent for p in path.rglob(JSONL_NAME) if p.is_file()}
     tensorboard_only = set()
     for event_file in path.rglob("events.out.tfevents.*"):
         folder = event_file.parent
-        root = folder.parent if _LAYER_FOLDER.match(folder.name) and folder != path else folder
+        root = folder.parent if RUN_SUBFOLDER.match(folder.name) and folder != path else folder
         if root in with_jsonl or any(run in root.parents for run in with_jsonl) or root in tensorboard_only:
             continue
         if _has_layerwatch_scalars(event_file):
@@ -228,51 +249,13 @@ def read_run(logdir: str | os.PathLike) -> Run:
     if runs and runs[0] != logdir:
         logger.info("%s is not a run itself; reading the one run in it, %s", logdir, runs[0])
         return read_run(runs[0])
-    return _from_event_files(logdir)
-
-
-def _fmt(value: float) -> str:
-    if not math.isfinite(value):
-        return "nan"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    return f"{value:.3f}"
-
-
-def summary_table(run: Run, metrics: Sequence[str] | None = None, *, top: int = 3) -> str:
-    """A text table: per layer, the first and last probed value of each main metric, then which layers changed most.
-
-    Args:
-        run: a run read by :func:`layerwatch.read_run`.
-        metrics: the metrics to show (default: the main metrics the run has, the registry's ``summary`` ones).
-        top: how many layers to name per metric in the "changed most" lines.
-    """
-    names = [m for m in (metrics or registry.summary_metrics()) if m in run.metrics]
-    steps = [int(s) for s in run.steps]
-    if not steps or not names:
-        return "(the run has no records)"
-    first_step, last_step = steps[0], steps[-1]
-    header_cells = ["layer"] + [f"{name} ({first_step}->{last_step})" for name in names]
-    rows: list[list[str]] = []
-    values = {name: np.asarray(run.metric(name), dtype=np.float64) for name in names}
-    for index, layer in enumerate(run.layers):
-        row = [str(layer)]
-        for name in names:
-            first, last = values[name][0, index], values[name][-1, index]
-            row.append(f"{_fmt(first)} -> {_fmt(last)}")
-        rows.append(row)
-    widths = [max(len(header_cells[c]), *(len(r[c]) for r in rows)) for c in range(len(header_cells))]
-    lines = ["  ".join(cell.rjust(widths[c]) for c, cell in enumerate(header_cells))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(cell.rjust(widths[c]) for c, cell in enumerate(row)) for row in rows)
-    if len(steps) > 1:
-        lines.append("")
-        lines.append(f"layers that changed most from step {first_step} to step {last_step} (|last - first|):")
-        for name in names:
-            change = values[name][-1] - values[name][0]
-            order = [i for i in np.argsort(-np.nan_to_num(np.abs(change), nan=-1.0)) if math.isfinite(change[i])]
-            if not order:
-                continue
-            described = ", ".join(f"layer {run.layers[i]} ({change[i]:+.3f})" for i in order[:top])
-            lines.append(f"  {name}: {described}")
-    return "\n".join(lines)
+    try:
+        return _from_event_files(logdir)
+    except FileNotFoundError:
+        if (logdir / PROBE_FILENAME).is_file() or (logdir / JSONL_NAME).is_file():  # a run, without any record
+            raise FileNotFoundError(
+                f"{logdir} holds a layerwatch run ({PROBE_FILENAME}, {JSONL_NAME}) without any probe record: every "
+                "probe of that run failed. The training log's warning 'layerwatch probe at step N failed (...)' names "
+                f"the error (TensorBoard's {SCALAR_PREFIX}/errors counts them); fix it and run again"
+            ) from None
+        raise

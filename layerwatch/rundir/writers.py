@@ -14,25 +14,32 @@ Which writers a run directory gets, the file names and the one-writer rule live 
 
 from __future__ import annotations
 
-import atexit
-import bisect
+import dataclasses
 import logging
+import math
 import os
-import queue
 import re
-import threading
-import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from layerwatch.rundir import images
-
-from layerwatch.metrics import registry
-from layerwatch.rundir.record import SCALAR_PREFIX, ProbeRecord, layer_run, metric_tag
+from layerwatch.metrics import names, registry
+from layerwatch.rundir import images, jsonl
+from layerwatch.rundir import pictures as pictures_module
+from layerwatch.rundir.files import ALL_LAYERS_RUN, THRESHOLD_RUN, open_run_file, real_folder, write_atomically
+from layerwatch.rundir.jsonl import read_jsonl_records  # noqa: F401 - re-exported (its earlier home)
+from layerwatch.rundir.pictures import (  # noqa: F401 - re-exported (their earlier home)
+    PICTURE_BACKLOG,
+    PICTURE_EXIT_WAIT_S,
+    PICTURE_SCHEDULES,
+    HeatmapHistory,
+    PictureThread,
+    picture_due,
+    quiet_event_threads,
+)
+from layerwatch.rundir.record import SCALAR_PREFIX, ProbeRecord, layer_run, metric_tag, stderr_tag
 
 logger = logging.getLogger(__name__)
 
@@ -139,31 +146,17 @@ def check_writers(writers: list[Any]) -> list[Any]:
     return writers
 
 
-def read_jsonl_records(path: str | os.PathLike) -> list[ProbeRecord]:
-    """Records of a JSONL file in file order, skipping lines that do not parse (a crash mid-write truncates the last)."""
-    records: list[ProbeRecord] = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    with path.open("r", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(ProbeRecord.from_json(line))
-            except (ValueError, KeyError, TypeError, AttributeError):  # a damaged or crafted line
-                logger.warning("%s: skipping unreadable line %d (a run interrupted mid-write?)", path, number)
-    return records
-
-
 class JsonlWriter(Writer):
     """Appends one JSON object per probe to ``path`` and flushes it to disk.
 
     Args:
-        path: the JSONL file.
+        path: the JSONL file (opened never through a symbolic link: a link there is replaced by a real file).
         resume_step: when a run resumes from a checkpoint at this step, records with a larger step (written after
             the checkpoint by the interrupted run) are dropped so the series has no duplicate steps. A truncated
-            last line is dropped too.
+            last line is dropped too; other lines that are not records are kept as they are (readers skip them).
+
+    A record whose line would be longer than :data:`layerwatch.rundir.jsonl.MAX_LINE_BYTES` (which readers skip) is
+    written without its per-prompt values, with a warning.
     """
 
     role = "run-file"
@@ -171,27 +164,34 @@ class JsonlWriter(Writer):
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._warned_long = False
         self._clean_existing(resume_step)
-        self._handle = self.path.open("a", encoding="utf-8")
+        handle = open_run_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self._handle = os.fdopen(handle, "a", encoding="utf-8")
 
     def _clean_existing(self, resume_step: int | None) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
+        if self.path.is_symlink() or not self.path.is_file() or self.path.stat().st_size == 0:
+            return  # (a link is replaced by open_run_file, never read or rewritten)
+        lines, dropped, rewrite = jsonl.kept_lines(self.path, resume_step)
+        if not rewrite:
             return
-        text = self.path.read_text(encoding="utf-8")
-        records = read_jsonl_records(self.path)
-        kept = [r for r in records if resume_step is None or r.step <= resume_step]
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(kept) == len(lines) and text.endswith("\n"):
-            return
-        from layerwatch.rundir.files import write_atomically
-
         # The old file stays intact until the new one is complete and on disk.
-        write_atomically(self.path, "".join(r.to_json() + "\n" for r in kept).encode("utf-8"))
-        if len(kept) < len(records):
-            logger.info("%s: dropped %d records after resume step %s", self.path, len(records) - len(kept), resume_step)
+        write_atomically(self.path, b"".join(line + b"\n" for line in lines))
+        if dropped:
+            logger.info("%s: dropped %d records after resume step %s", self.path, dropped, resume_step)
 
     def write(self, record: ProbeRecord) -> None:
-        self._handle.write(record.to_json() + "\n")
+        line = record.to_json()
+        if len(line) > jsonl.MAX_LINE_BYTES // 4 and len(line.encode("utf-8")) > jsonl.MAX_LINE_BYTES:
+            line = dataclasses.replace(record, per_prompt={}).to_json()
+            if not self._warned_long:
+                self._warned_long = True
+                logger.warning(
+                    "layerwatch: the record of step %d is longer than the %d MiB line cap of %s with its per-prompt "
+                    "values; they are left out of this file (the metrics are all kept)", record.step,
+                    jsonl.MAX_LINE_BYTES >> 20, self.path.name,
+                )
+        self._handle.write(line + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
@@ -200,136 +200,22 @@ class JsonlWriter(Writer):
             self._handle.close()
 
 
-class HeatmapHistory:
-    """Per metric, the ``[layers, steps]`` values of every probe so far, grown by one column per probe.
-
-    A step seen again replaces its column (a resumed run that was not purged); an earlier step is inserted in order.
-    """
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self._values: dict[str, np.ndarray] = {}  # [layers, capacity], NaN-filled beyond the columns in use
-        self._layers = 0
-
-    def add(self, record: ProbeRecord) -> None:
-        if len(record.layers) != self._layers:  # (never within one run) start over with the new depth
-            self.steps, self._values, self._layers = [], {}, len(record.layers)
-        column = bisect.bisect_left(self.steps, record.step)
-        if column == len(self.steps) or self.steps[column] != record.step:
-            self.steps.insert(column, record.step)
-            for name in self._values:
-                self._make_room(name, column)
-        for name, values in self._values.items():
-            values[:, column] = np.nan
-        for name, per_layer in record.metrics.items():
-            if name not in self._values:
-                self._values[name] = np.full((self._layers, max(8, len(self.steps))), np.nan)
-            self._values[name][:, column] = per_layer
-
-    def _make_room(self, name: str, column: int) -> None:
-        values, used = self._values[name], len(self.steps) - 1
-        if used == values.shape[1]:
-            values = np.concatenate([values, np.full_like(values, np.nan)], axis=1)
-            self._values[name] = values
-        values[:, column + 1 : used + 1] = values[:, column:used].copy()
-
-    def matrix(self, name: str) -> np.ndarray:
-        """``[layers, steps]`` values of ``name`` (NaN where a probe did not record it)."""
-        return self._values[name][:, : len(self.steps)]
-
-
-#: Records whose pictures may wait for the drawing thread; a probe beyond that waits until one is drawn.
-PICTURE_BACKLOG = 2
-#: At interpreter exit, how long the pictures still being drawn are waited for (a run that never called close()).
-PICTURE_EXIT_WAIT_S = 60.0
-
-_PICTURE_THREADS: weakref.WeakSet = weakref.WeakSet()
-
-
-class PictureThread:
-    """Runs a TensorBoard writer's drawing jobs on one background thread, in the order they were submitted.
-
-    matplotlib takes about 0.1 s per picture and a run draws two per metric at every probe: 2-3 s per probe for the
-    "paper" preset, which would otherwise stop the training loop on the main process (and, in a distributed run,
-    every other rank at its next collective). Each job holds copies of what it draws. The training thread waits only
-    when :data:`PICTURE_BACKLOG` records' pictures are still queued. A job's error is raised by the next
-    :meth:`submit`, :meth:`wait` or :meth:`close`, so the writer group handles it like any other writer failure.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._jobs: queue.Queue = queue.Queue(maxsize=PICTURE_BACKLOG)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        _PICTURE_THREADS.add(self)
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Queue ``job``; wait first if the backlog is full."""
-        self._raise_error()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        self._jobs.put(job)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job is done (at most ``timeout`` seconds); raise a job's error, if any.
-        Returns whether all were done."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._jobs.all_tasks_done:
-            while self._jobs.unfinished_tasks:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._jobs.all_tasks_done.wait(remaining)
-            done = not self._jobs.unfinished_tasks
-        self._raise_error()
-        return done
-
-    def close(self) -> None:
-        """Wait for every job, then end the thread."""
-        try:
-            self.wait()
-        finally:
-            if self._thread is not None:
-                self._jobs.put(None)
-                self._thread.join()
-                self._thread = None
-            _PICTURE_THREADS.discard(self)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:  # after a failure the writer is being dropped: skip the rest
-                    job()
-            except BaseException as error:  # noqa: BLE001 - handed to the training thread
-                self._error = error
-            finally:
-                self._jobs.task_done()
-
-    def _raise_error(self) -> None:
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-
-@atexit.register
-def _draw_pending_pictures_at_exit() -> None:
-    """A script that never closes its monitor still gets the pictures of its last probes."""
-    for pictures in list(_PICTURE_THREADS):
-        try:
-            if not pictures.wait(PICTURE_EXIT_WAIT_S):
-                logger.warning("layerwatch: gave up drawing TensorBoard pictures at exit after %.0f s", PICTURE_EXIT_WAIT_S)
-        except Exception as error:  # noqa: BLE001 - exiting anyway
-            logger.warning("layerwatch: drawing TensorBoard pictures failed at exit (%s: %s)", type(error).__name__, error)
-
-
 NO_ALERTS = (
-    "No alerts so far (step {step}). layerwatch writes here when activations become non-finite, when a prompt or "
+    "No alerts (checked at step {step}). layerwatch writes here when activations become non-finite, when a prompt or "
     "dataset entropy collapses, or when a layer's per-prompt prompt entropy looks bimodal."
 )
+NO_NEW_ALERTS = "No new alerts (checked at step {step}); {count} earlier alert(s), the last at step {last_step}: {last}"
+#: Sarle's bimodality coefficient of a uniform distribution: above it, two modes are likely (drawn as a line in the
+#: bimodality chart, from the :data:`layerwatch.rundir.files.THRESHOLD_RUN` run).
+BIMODALITY_THRESHOLD = 5 / 9
+
+
+def _summary_writer(path: Path, purge_step: int | None) -> Any:
+    """A ``SummaryWriter`` in the real folder ``path`` (never through a link), whose writer thread prints nothing."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with quiet_event_threads():
+        return SummaryWriter(log_dir=str(real_folder(path)), purge_step=purge_step)
 
 
 class TensorBoardWriter(Writer):
@@ -337,54 +223,62 @@ class TensorBoardWriter(Writer):
 
     Layout (``logdir`` is the run directory; ``NN`` the zero-padded layer):
 
-    - ``logdir/layer_NN/``: scalar ``layerwatch/<metric>`` for every metric, and histograms
+    - ``logdir/layer_NN/``: scalar ``layerwatch/<metric>`` for every metric, its standard error
+      ``layerwatch_stderr/<metric>`` (a section of its own; finite values only), and histograms
       ``layerwatch/<metric>_per_prompt`` of the per-prompt values the registry keeps. TensorBoard colours and lists
       each ``layer_NN`` run separately, so a chart of ``layerwatch/<metric>`` holds every layer as its own line.
-    - ``logdir/``: the custom-scalars layout (one chart per metric), ``layerwatch/probe_seconds``,
-      ``layerwatch/errors`` (the running count of failed probes, 0 from the first probe), the heatmap and
-      depth-profile images per metric, and ``layerwatch/alerts`` text ("no alerts so far" at the first probe).
+    - ``logdir/all_layers/``: what concerns all layers at once: the custom-scalars layout (one chart per metric),
+      ``layerwatch/probe_seconds``, ``layerwatch/errors`` (the running count of failed probes, 0 from the first
+      probe), the single-number metrics (``best_layer``), the heatmap and depth-profile images per metric (drawn on
+      a schedule that bounds disk use, see :mod:`layerwatch.rundir.pictures`), and the ``layerwatch/alerts`` text,
+      written at every probe ("No alerts (checked at step N)" when there are none).
+    - ``logdir/bimodality_threshold_5_9/``: the constant 5/9 under the bimodality tag, a line in its chart.
 
     Args:
         logdir: the run directory.
         purge_step: on resume, the first step to write again; events at or after it from the interrupted run are
-            hidden by TensorBoard (``SummaryWriter(purge_step=...)``), in every layer's run too.
+            hidden by TensorBoard (``SummaryWriter(purge_step=...)``), in every run of the layout.
         history: records already in the run (on resume), so heatmaps show the whole series.
+        pictures: ``"spaced"`` (see :mod:`layerwatch.rundir.pictures`) or ``"every"`` (every probe); default
+            :data:`layerwatch.rundir.pictures.PICTURE_SCHEDULE` ("spaced").
     """
 
     role = "run-file"
 
     def __init__(
-        self, logdir: str | os.PathLike, *, purge_step: int | None = None, history: list[ProbeRecord] | None = None
+        self, logdir: str | os.PathLike, *, purge_step: int | None = None, history: list[ProbeRecord] | None = None,
+        pictures: str | None = None,
     ) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+        pictures = pictures_module.PICTURE_SCHEDULE if pictures is None else pictures
+        if pictures not in PICTURE_SCHEDULES:
+            raise ValueError(f"pictures= must be one of {PICTURE_SCHEDULES}, got {pictures!r}")
         self.logdir = Path(logdir)
+        self.schedule = pictures
         self._purge_step = purge_step
-        self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=purge_step)
-        self._layer_writers: dict[int, SummaryWriter] = {}
+        self._writer = _summary_writer(self.logdir / ALL_LAYERS_RUN, purge_step)
+        self._layer_writers: dict[Any, Any] = {}
         self._history = HeatmapHistory()
         self._errors = 0
         self._started = False
-        self._alerted_before = any(record.alerts for record in history or [])
+        self._alerts_seen = [alert for record in history or [] for alert in record.alerts]
+        self._last: tuple[ProbeRecord, int] | None = None  # the last record, and the history size it left
+        self._drawn_at = 0  # the history size at the last drawing
         self._pictures = PictureThread(f"layerwatch-pictures-{self.logdir.name}")
         for record in history or []:
             self._history.add(record)
 
-    def _layer_writer(self, layer: int):
+    def _layer_writer(self, layer: int | str) -> Any:
+        """The writer of one layer's run (``layer_NN``), or of the threshold run (``layer=THRESHOLD_RUN``)."""
         if layer not in self._layer_writers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            path = self.logdir / layer_run(layer)
-            self._layer_writers[layer] = SummaryWriter(log_dir=str(path), purge_step=self._purge_step)
+            folder = layer if isinstance(layer, str) else layer_run(layer)
+            self._layer_writers[layer] = _summary_writer(self.logdir / folder, self._purge_step)
         return self._layer_writers[layer]
 
     def _start(self, record: ProbeRecord) -> None:
-        """At this writer's first record: the custom-scalars layout, the error count and the alerts text."""
+        """At this writer's first record: the custom-scalars layout and the error count."""
         charts = {name: ["Multiline", [f"^{re.escape(metric_tag(name))}$"]] for name in record.metrics}
         self._writer.add_custom_scalars({SCALAR_PREFIX: charts})
         self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", self._errors, record.step)
-        if not record.alerts and not self._alerted_before:
-            self._writer.add_text(f"{SCALAR_PREFIX}/alerts", NO_ALERTS.format(step=record.step), record.step)
         self._started = True
 
     def _write_layers(self, record: ProbeRecord) -> None:
@@ -393,6 +287,9 @@ class TensorBoardWriter(Writer):
             for name, values in record.metrics.items():
                 if index < len(values):
                     writer.add_scalar(metric_tag(name), float(values[index]), record.step)
+            for name, errors in record.stderr.items():  # standard errors: their own section, layerwatch_stderr/
+                if index < len(errors) and math.isfinite(errors[index]):
+                    writer.add_scalar(stderr_tag(name), float(errors[index]), record.step)
             for name in registry.histogram_metrics():  # the per-prompt values the record keeps
                 rows = record.per_prompt.get(name, [])
                 finite = np.asarray(rows[index] if index < len(rows) else [], dtype=np.float64)
@@ -400,6 +297,21 @@ class TensorBoardWriter(Writer):
                 if finite.size:
                     writer.add_histogram(f"{metric_tag(name)}_per_prompt", finite, record.step)
             writer.flush()
+        if names.PROMPT_ENTROPY_BIMODALITY in record.metrics:  # the 5/9 line of the bimodality chart
+            threshold = self._layer_writer(THRESHOLD_RUN)
+            threshold.add_scalar(metric_tag(names.PROMPT_ENTROPY_BIMODALITY), BIMODALITY_THRESHOLD, record.step)
+            threshold.flush()
+
+    def alerts_text(self, record: ProbeRecord) -> str:
+        """The alerts text at ``record``'s step: its new alerts (one per line), else that there are none."""
+        if record.alerts:
+            return "\n\n".join(str(alert) for alert in record.alerts)
+        if not self._alerts_seen:
+            return NO_ALERTS.format(step=record.step)
+        last = self._alerts_seen[-1]
+        return NO_NEW_ALERTS.format(
+            step=record.step, count=len(self._alerts_seen), last_step=getattr(last, "step", "?"), last=last
+        )
 
     def write(self, record: ProbeRecord) -> None:
         writer = self._writer
@@ -408,11 +320,18 @@ class TensorBoardWriter(Writer):
         self._history.add(record)
         self._write_layers(record)
         writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
-        for name, value in record.scalars.items():  # one number per probe (best_layer), in the run itself
+        for name, value in record.scalars.items():  # one number per probe (best_layer)
             writer.add_scalar(f"{SCALAR_PREFIX}/{name}", value, record.step)
-        for alert in record.alerts:
-            writer.add_text(f"{SCALAR_PREFIX}/alerts", alert, record.step)
+        writer.add_text(f"{SCALAR_PREFIX}/alerts", self.alerts_text(record), record.step)
+        self._alerts_seen.extend(record.alerts)
         writer.flush()
+        count = len(self._history.steps)
+        self._last = (record, count)
+        if picture_due(count, self.schedule):
+            self._submit_pictures(record)
+
+    def _submit_pictures(self, record: ProbeRecord) -> None:
+        self._drawn_at = len(self._history.steps)
         self._pictures.submit(self._picture_job(record))
 
     def _picture_job(self, record: ProbeRecord) -> Callable[[], None]:
@@ -439,7 +358,12 @@ class TensorBoardWriter(Writer):
 
     def close(self) -> None:
         try:
-            self._pictures.close()  # the pictures still being drawn first; a drawing error is raised after closing
+            try:
+                if self._last is not None and self._drawn_at != self._last[1] and self._writer is not None:
+                    self._submit_pictures(self._last[0])  # the last probe's pictures, when the schedule skipped it
+            finally:
+                self._last = None
+                self._pictures.close()  # the pictures still being drawn first; a drawing error is raised after
         finally:
             writers, self._layer_writers = list(self._layer_writers.values()), {}
             if self._writer is not None:

@@ -4,10 +4,8 @@ The runs here are written by hand in the JSONL format of the run directory (SPEC
 tests/test_trajectory.py draws a report of a run written by ``layerwatch trajectory`` end to end.
 """
 
-import argparse
 import base64
 import json
-import math
 import re
 import sys
 
@@ -16,73 +14,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from layerwatch.analysis import report  # noqa: E402
+from layerwatch.analysis import html, report  # noqa: E402
 from layerwatch.rundir.runs import read_run  # noqa: E402
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-STEPS = [0, 1, 2, 4, 8, 16, 100, 200, 300]
-LAYERS = 7
-
-
-def _valley(step_index: int, layer: int) -> float:
-    # A mid-depth valley that deepens over training, like Pythia's prompt entropy (notes §10.3).
-    depth = layer / (LAYERS - 1)
-    dip = 0.35 * (step_index / (len(STEPS) - 1)) * math.exp(-(((depth - 0.5) / 0.2) ** 2))
-    return 0.9 - dip
-
-
-def write_run(logdir, *, steps=STEPS, with_per_prompt=True, nan_metric=False, settings=None, shift=None):
-    """A run directory in the JSONL format the monitor writes (one record per line).
-
-    ``shift(step, layer)`` is added to prompt_entropy (to make a second run that differs by a known amount).
-    """
-    logdir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, step in enumerate(steps):
-        entropy = [_valley(i, layer) + (shift(step, layer) if shift else 0.0) for layer in range(LAYERS)]
-        metrics = {
-            "prompt_entropy": entropy,
-            "dataset_entropy": [0.2 + 0.05 * layer - 0.01 * i for layer in range(LAYERS)],
-            "curvature": [1.04 + 0.02 * i * (layer > 0) for layer in range(LAYERS)],
-            "effective_rank": [10.0 + layer - 0.3 * i for layer in range(LAYERS)],
-            "infonce": [6.0 - 0.3 * layer for layer in range(LAYERS)],
-            "rms": [1.0 + 0.1 * layer for layer in range(LAYERS)],
-            "max_abs": [5.0 + layer for layer in range(LAYERS)],
-            "nonfinite": [0.0] * LAYERS,
-        }
-        if nan_metric:
-            metrics["dime"] = [None] * LAYERS  # JSON null = NaN: never finite, so not drawn
-        per_prompt = {}
-        if with_per_prompt:
-            rows = []
-            for layer in range(LAYERS):
-                if layer in (2, 3, 4) and i == len(steps) - 1:  # two modes in the middle at the end
-                    values = np.concatenate([rng.normal(0.3, 0.03, 20), rng.normal(0.8, 0.03, 20)])
-                else:
-                    values = rng.normal(entropy[layer], 0.02, 40)
-                rows.append([float(v) for v in np.clip(values, 0, 1)])
-            rows[0][0] = None  # a prompt too short for the metric
-            per_prompt["prompt_entropy"] = rows
-        record = {
-            "step": step,
-            "time": 1.7e9 + i,
-            "wall_time_s": 0.5,
-            "layers": list(range(LAYERS)),
-            "metrics": metrics,
-            "per_prompt": per_prompt,
-            "alerts": ["prompt_entropy collapsed at layer 3"] if i == len(steps) - 1 else [],
-            "settings": settings or {"preset": "standard", "alpha": 1.0},
-        }
-        lines.append(json.dumps(record))
-    (logdir / "layerwatch.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return logdir
-
-
-def run_cli(*argv):
-    parser = argparse.ArgumentParser()
-    report.add_arguments(parser)
-    return report.main(parser.parse_args([str(a) for a in argv]))
+from helpers import LAYERS, PNG_MAGIC, STEPS, write_run  # noqa: E402
+from helpers import run_report_cli as run_cli, valley as _valley  # noqa: E402
 
 
 def test_report_writes_pngs_and_self_contained_html(tmp_path, capsys):
@@ -95,7 +30,7 @@ def test_report_writes_pngs_and_self_contained_html(tmp_path, capsys):
         assert f"heatmap_{metric}.png" in names
     assert "heatmap_dime.png" not in names  # all NaN
     assert "heatmap_nonfinite.png" not in names  # all zero: nothing to see
-    assert {"depth_profiles.png", "trajectories.png", "prompt_entropy_histograms.png"} <= names
+    assert {"overview.png", "depth_profiles.png", "trajectories.png", "prompt_entropy_histograms.png"} <= names
     for path in images:
         assert path.read_bytes()[:8] == PNG_MAGIC, path
 
@@ -108,7 +43,7 @@ def test_report_writes_pngs_and_self_contained_html(tmp_path, capsys):
     # the table of numbers: one row per layer, the steps as columns, the first value of layer 0
     assert '<table class="numbers">' in page
     assert "<th>layer \\ step</th>" in page
-    assert f"<td>{_valley(0, 0):.4f}</td>" in page
+    assert _valley(0, 0) == 0.9 and "<td>0.900</td>" in page  # 3 significant digits
     assert "prompt_entropy collapsed at layer 3" in page  # alerts listed
 
 
@@ -197,9 +132,170 @@ def test_metric_names_from_the_data_never_choose_a_path(tmp_path, capsys):
     assert len(heatmaps) == len(report.ordered_metrics(read_run(run_dir)))  # one file each, no name reused
     assert not (tmp_path / "escaped.png").exists() and not list(tmp_path.glob("*.png"))
     assert all(p.parent.resolve() == image_dir for p in written if p.suffix == ".png")
-    # A link planted inside report/ that points outside is refused, not followed.
+    # A link planted inside report/ that points outside is replaced by the picture, never followed.
     outside = tmp_path / "outside.png"
     (run_dir / "report" / "depth_profiles.png").unlink()
     (run_dir / "report" / "depth_profiles.png").symlink_to(outside)
+    assert run_cli(run_dir) == 0
+    assert not outside.exists()
+    picture = run_dir / "report" / "depth_profiles.png"
+    assert not picture.is_symlink() and picture.read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------------------------------------------------ links (issue 18)
+
+
+def test_a_planted_report_html_link_is_replaced_not_followed(tmp_path):
+    """``report.html`` planted as a link to a file outside the run: the report replaces the link by its own page and
+    leaves the outside file as it was."""
+    run_dir = write_run(tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious", encoding="utf-8")
+    (run_dir / "report.html").symlink_to(victim)
+    dangling = tmp_path / "nowhere.html"
+    assert run_cli(run_dir) == 0
+    assert victim.read_text(encoding="utf-8") == "precious"
+    page = run_dir / "report.html"
+    assert not page.is_symlink() and page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    # a dangling link (it would create a file outside) is replaced too
+    page.unlink()
+    page.symlink_to(dangling)
+    assert run_cli(run_dir) == 0
+    assert not dangling.exists() and not page.is_symlink()
+
+
+def test_a_planted_report_folder_link_is_refused_with_a_clear_message(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run_dir / "report").symlink_to(outside, target_is_directory=True)
     assert run_cli(run_dir) == 2
-    assert "outside the report folder" in capsys.readouterr().err and not outside.exists()
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "rm " in err and len(err.strip().splitlines()) == 1
+    assert list(outside.iterdir()) == [] and not (run_dir / "report.html").exists()
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+@pytest.mark.parametrize(
+    ("value", "scale", "expected"),
+    [
+        (1.0, None, "1.00"), (0.9, None, "0.900"), (0.012345, None, "0.0123"), (12.345, None, "12.3"),
+        (1234.5, None, "1234"), (-2.38e-07, None, "-2.38e-07"), (-2.38e-07, 1.0, "0"), (2.5e-05, 1e-04, "2.50e-05"),
+        (0.0, None, "0"), (-0.0, None, "0"), (-0.00049, 10.0, "0"), (float("nan"), None, html.DASH),
+        (float("inf"), None, html.DASH), (3.2e7, None, "3.20e+07"),
+    ],
+)
+def test_fmt_uses_significant_digits_and_never_prints_minus_zero(value, scale, expected):
+    assert html.fmt(value, scale=scale) == expected
+
+
+def test_fmt_never_gives_minus_zero_over_many_values():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 1e-6, 500), -10.0 ** rng.uniform(-9, 7, 500), [-0.0, -1e-300]])
+    for value in values:
+        for scale in (None, 1.0, 1e-3):
+            text = html.fmt(value, scale=scale)
+            mantissa = text.split("e")[0]
+            assert not (mantissa.startswith("-") and set(mantissa[1:]) <= set("0.")), (value, scale, text)
+            if scale is None and value != 0:  # 3 significant digits, then read back within rounding
+                assert abs(float(text) - value) <= 0.006 * abs(value), (value, text)
+
+
+def test_a_table_does_not_mix_a_rounding_residue_with_ordinary_values(tmp_path):
+    run_dir = write_run(tmp_path / "run", extra=lambda i: {"cka_to_first": [1.0 - 2.38e-07 * (i == 0)] + [0.8] * 6})
+    result = report.make_report(run_dir, metrics=["cka_to_first"])
+    page = result.html.read_text(encoding="utf-8")
+    table = page[page.index('<table class="numbers"><thead><tr><th>layer'):]
+    assert "e-0" not in table and "-0.000" not in table and "1.0000" not in table
+    assert "<td>1.00</td>" in table and "<td>0.800</td>" in table and "<td>0</td>" in table  # last - first
+
+
+# ------------------------------------------------------------------------------------------------ the first screen
+
+
+def test_the_page_opens_on_the_overview_alerts_and_best_layer(tmp_path):
+    """Small multiples of every metric (each with its own colour bar) come first, beside the alerts and the best
+    layer; the page-width heatmaps follow."""
+    best = [1, 1, 2, 2, 2, 3, 3, 3, 3]
+    run_dir = write_run(tmp_path / "run", extra=lambda i: {"probe_accuracy": [0.5 + 0.05 * k for k in range(LAYERS)]})
+    records = [json.loads(line) for line in (run_dir / "layerwatch.jsonl").read_text().splitlines()]
+    for record, layer in zip(records, best):
+        record["scalars"] = {"best_layer": layer}
+    (run_dir / "layerwatch.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    run = read_run(run_dir)
+    metrics = report.ordered_metrics(run)
+    figures = {}
+    original = report._save
+
+    def capture(figure, target, dpi):
+        figures[target.name] = (figure, dpi)
+        return original(figure, target, dpi)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(report, "_save", capture):
+        result = report.make_report(run_dir)
+    overview, dpi = figures["overview.png"]
+    heatmap_axes = [a for a in overview.axes if a.images and a.get_title()]
+    assert [a.get_title() for a in heatmap_axes] == metrics  # one small heatmap per metric
+    assert len(overview.axes) - len([a for a in overview.axes if not a.axison]) == 2 * len(metrics)  # + colour bars
+    width, height = overview.get_size_inches() * dpi
+    assert width <= 1200 and height <= 800  # fits beside the side column on a 1600 x 1000 screen
+    page = result.html.read_text(encoding="utf-8")
+    top = page[page.index('<div class="top">'):page.index('<h2 id="heatmaps">')]
+    assert 'alt="every metric as a small layer x step heatmap"' in top
+    assert "Alerts (1)" in top and "collapsed at layer 3" in top
+    assert "<b>layer 3</b> at step 300" in top and "layer 1 at steps 0\u20131" in top
+    assert page.index("overview") < page.index('id="metric-prompt_entropy"')
+    assert "<nav>" in top and '<a href="#metric-rms">rms</a> <a' in top  # links with spaces: the line wraps
+
+
+# ------------------------------------------------------------------------------------------------ error bars
+
+
+def _se(step, layer):
+    return 0.01 + 0.002 * layer
+
+
+def test_depth_profiles_and_trajectories_draw_two_standard_error_bands(tmp_path, monkeypatch):
+    run = read_run(write_run(tmp_path / "run", stderr=_se))
+    figures = {}
+    monkeypatch.setattr(report, "_save", lambda figure, target, dpi: figures.setdefault(target.name, figure))
+    report.plot_depth_profiles(run, ["prompt_entropy", "curvature"], tmp_path / "p.png")
+    report.plot_trajectories(run, ["prompt_entropy", "curvature"], tmp_path / "t.png")
+    entropy = run.metric("prompt_entropy")
+    se = np.array([[_se(s, layer) for layer in range(LAYERS)] for s in STEPS])
+    profile = figures["p.png"].axes[0]
+    assert "2 se" in profile.get_title() and "standard errors" in figures["p.png"].get_suptitle()
+    bands = profile.collections
+    assert len(bands) == 3  # one per drawn step (first, middle, last)
+    last = bands[-1].get_paths()[0].vertices  # the band at the last step: value +- 2 se per layer
+    for layer in range(LAYERS):
+        ys = last[np.isclose(last[:, 0], layer), 1]
+        np.testing.assert_allclose(
+            [ys.min(), ys.max()], [entropy[-1, layer] - 2 * se[-1, layer], entropy[-1, layer] + 2 * se[-1, layer]]
+        )
+    assert not figures["p.png"].axes[1].collections  # curvature has no standard errors: no band
+    trajectories = figures["t.png"].axes[0]
+    assert len(trajectories.collections) == LAYERS  # one band per layer
+    band = trajectories.collections[3].get_paths()[0].vertices
+    np.testing.assert_allclose(band[:, 1].max(), (entropy[:, 3] + 2 * se[:, 3]).max())
+
+
+def test_without_standard_errors_the_page_says_so(tmp_path):
+    page = report.make_report(write_run(tmp_path / "run")).html.read_text(encoding="utf-8")
+    assert "recorded no standard errors" in page
+    page = report.make_report(write_run(tmp_path / "se", stderr=_se)).html.read_text(encoding="utf-8")
+    assert "\u00b12 standard errors" in page
+
+
+def test_report_metrics_flag_takes_a_preset_and_rejects_empty(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run")
+    assert run_cli(run_dir, "--metrics", "light") == 0
+    drawn = sorted(p.name for p in (run_dir / "report").glob("heatmap_*.png"))
+    assert "heatmap_prompt_entropy.png" in drawn and "heatmap_infonce.png" not in drawn  # light has no views
+    assert run_cli(run_dir, "--metrics", ",") == 2
+    err = capsys.readouterr().err
+    assert "--metrics" in err and len(err.strip().splitlines()) == 1

@@ -3,35 +3,34 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import string
 import subprocess
 import sys
 
 import pytest
 import torch
+import helpers
 from models import tiny_config
 
 from layerwatch import LayerWatch, read_run
 from layerwatch.probe import Probe
-from layerwatch.analysis.revisions import EXIT_SKIPPED, plan_revisions, revision_step
+from layerwatch.analysis.revisions import (
+    EXIT_SKIPPED,
+    check_revision_name,
+    plan_revisions,
+    resolve_revision,
+    revision_step,
+)
 from layerwatch.analysis.trajectory import TrajectoryError, load_checkpoint
 
 TEXTS = ["the cat sat on the mat", "a bird sang in the tree", "the sun rose over the hill", "she read a book"] * 2
 
 
-def char_tokenizer(shift: int = 0):
-    """A character-level fast tokenizer; ``shift`` rotates its ids (so two tokenizers give different ids)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(set(string.ascii_lowercase + " .,"))
-    alphabet = alphabet[shift:] + alphabet[:shift]
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+# This file's character tokenizer: a small alphabet and no [BOS]; ``shift`` rotates its ids (so two tokenizers give
+# different ids).
+char_tokenizer = functools.partial(helpers.char_tokenizer, alphabet=helpers.SMALL_ALPHABET, bos=False)
 
 
 def add_revision(cache, repo, revision, model=None, *, pickle=False, tokenizer=None, tmp):
@@ -160,14 +159,72 @@ def test_revision_names_and_plan():
         plan_revisions([" "])
 
 
-def test_a_revisions_run_without_probe_or_texts_continues_with_the_saved_probe(tmp_path):
-    import argparse
+def test_a_revisions_run_without_probe_or_texts_continues_with_the_saved_probe(hub, tmp_path):
+    out = tmp_path / "run"
+    first = layerwatch_cmd(hub, "org/tiny", "--revisions", "step100", "--out", out, "--metrics", "light")
+    assert first.returncode == 2 and "no probe" in first.stderr and "Traceback" not in first.stderr
+    assert not out.exists()  # a refused command leaves no empty folder behind
+    assert layerwatch_cmd(hub, "org/tiny", "--revisions", "step100", "--texts", hub["texts"], "--out", out,
+                          "--metrics", "light").returncode == 0
+    again = layerwatch_cmd(hub, "org/tiny", "--revisions", "step100,step200", "--out", out, "--metrics", "light")
+    assert again.returncode == 0, again.stderr
+    assert read_run(out).steps.tolist() == [100, 200]
 
-    from layerwatch.analysis import revisions
-    from layerwatch.rundir.files import PROBE_FILENAME
 
-    args = argparse.Namespace(probe=None, texts=None)
-    with pytest.raises(revisions.TrajectoryError, match="no probe"):
-        revisions._probe_source(args, tmp_path)
-    (tmp_path / PROBE_FILENAME).write_bytes(b"")
-    assert revisions._probe_source(args, tmp_path) == tmp_path / PROBE_FILENAME
+@pytest.mark.parametrize("name", ["../../elsewhere", "step1/../../x", "/etc", "..", "C:\\x", "a\\..\\b"])
+def test_revision_names_that_are_paths_are_refused(name):
+    with pytest.raises(TrajectoryError, match="not a branch, tag or commit name"):
+        check_revision_name(name)
+    with pytest.raises(TrajectoryError, match="not a branch, tag or commit name"):
+        plan_revisions([name], [7])
+
+
+def test_revision_path_traversal_never_loads_from_outside_the_cache(hub, tmp_path):
+    """Issue 18 point 9: `--revisions ../../../elsewhere --steps 7` on a local cache folder loads nothing from outside
+    it; nor does a ref file naming a commit that walks out, or a snapshot that is a symlink to elsewhere."""
+    folder = hub["cache"] / "models--org--tiny"
+    outside = tmp_path / "elsewhere"
+    tiny(3).save_pretrained(outside)  # a loadable model outside the cache
+    relative = os.path.relpath(outside, folder / "snapshots")
+    probe = Probe.from_texts(TEXTS, char_tokenizer(), num_prompts=None)
+    probe.save(tmp_path / "probe.safetensors")
+    common = ("--probe", tmp_path / "probe.safetensors", "--metrics", "light")
+    done = layerwatch_cmd(hub, folder, "--revisions", relative, "--steps", "7", "--out", tmp_path / "a", *common)
+    assert done.returncode == 2, done.stderr
+    assert "--revisions" in done.stderr or "revision" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    # a ref whose content walks out of snapshots/, and a snapshot symlinked to a folder outside the cache
+    (folder / "refs" / "evil").write_text(relative)
+    (folder / "snapshots" / "linked").symlink_to(outside, target_is_directory=True)
+    for revision in ("evil", "linked"):
+        done = layerwatch_cmd(hub, folder, "--revisions", revision, "--steps", "7", "--out", tmp_path / revision, *common)
+        assert done.returncode == 2, done.stderr
+        assert "outside" in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / revision).exists()
+    with pytest.raises(TrajectoryError, match="inside the model's cache folder"):
+        resolve_revision(str(folder), "evil")
+    assert resolve_revision(str(folder), "step100") == hub["snapshots"]["step100"]
+
+
+@pytest.mark.slow
+def test_revisions_split_in_two_shards_equal_one_process(hub, tmp_path):
+    """`--shard K/N` over revisions (issue 19 point 3): the pickle-only step300 is skipped by the shard that holds
+    it, and the merged run equals a one-process replay, CKA across the shard boundary included."""
+    import numpy as np
+
+    names = ("--revisions", "step100,step200,step300,step500", "--texts", hub["texts"], "--metrics", "light")
+    whole = layerwatch_cmd(hub, "org/tiny", *names, "--out", tmp_path / "whole", "--no-tensorboard")
+    assert whole.returncode == EXIT_SKIPPED, whole.stderr
+    codes = []
+    for shard in ("2/2", "1/2"):
+        done = layerwatch_cmd(hub, "org/tiny", *names, "--out", tmp_path / "split", "--shard", shard,
+                              "--no-tensorboard")
+        codes.append(done.returncode)
+        assert done.returncode in (0, EXIT_SKIPPED), done.stderr
+    assert codes == [EXIT_SKIPPED, 0]  # the second half holds step300
+    one, split = read_run(tmp_path / "whole"), read_run(tmp_path / "split")
+    assert one.steps.tolist() == split.steps.tolist() == [100, 200, 500]
+    for metric in one.metrics:
+        np.testing.assert_allclose(split.metric(metric), one.metric(metric), rtol=1e-6, atol=1e-6, err_msg=metric)
+    assert np.isfinite(split.metric("cka_to_previous")[2]).all()

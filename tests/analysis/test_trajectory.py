@@ -8,7 +8,6 @@ them, and a character-level tokenizer (so ``--texts`` works without any download
 import argparse
 import json
 import shutil
-import string
 
 import pytest
 import torch
@@ -16,35 +15,21 @@ import torch
 from layerwatch import read_run
 
 from layerwatch.analysis import trajectory
+from layerwatch.cli import trajectory as trajectory_cli
 from layerwatch.probe import Probe
+from helpers import PNG_MAGIC, char_tokenizer, tiny_trainer
 from models import TINY_VOCAB, tiny_config
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXT = (
     "the cat sat on the mat. the dog sat on the log. a bird sang in the tree. the sun rose over the hill, and the "
     "farmer went out to the field. she read a book by the fire while the rain fell on the roof. "
 ) * 8
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer (vocabulary well under the tiny model's 128 rows)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(set(string.ascii_lowercase + string.digits + " .,;:!?'-\n"))
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
-    vocab.update({c: i + 3 for i, c in enumerate(alphabet)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]"
-    )
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A Trainer output_dir with checkpoint-2, checkpoint-4 and checkpoint-6."""
-    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("trainer")
     tokenizer = char_tokenizer()
@@ -67,21 +52,10 @@ def trained(tmp_path_factory):
         pass
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_config("gpt2", layers=2))
-    args = TrainingArguments(
-        output_dir=str(root / "out"),
-        max_steps=6,
-        save_steps=2,
-        save_strategy="steps",
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to="none",
-        logging_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks).train()
+    tiny_trainer(
+        root / "out", callbacks, model=model, train_dataset=dataset, processing_class=tokenizer,
+        max_steps=6, save_steps=2, save_strategy="steps", logging_strategy="no",
+    ).train()
     out = root / "out"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert (out / "checkpoint-2" / "model.safetensors").is_file()
@@ -90,8 +64,8 @@ def trained(tmp_path_factory):
 
 def cli(*argv):
     parser = argparse.ArgumentParser()
-    trajectory.add_arguments(parser)
-    return trajectory.main(parser.parse_args([str(a) for a in argv]))
+    trajectory_cli.add_arguments(parser)
+    return trajectory_cli.main(parser.parse_args([str(a) for a in argv]))
 
 
 def jsonl_lines(run_dir):
@@ -157,7 +131,7 @@ def test_trainer_pickles_are_not_model_weights(trained):
 
 
 def test_trajectory_cli_resumes_and_reports(trained, tmp_path, capsys):
-    from layerwatch.analysis import report
+    from layerwatch.cli import report  # the front end (add_arguments, main)
 
     out_dir = tmp_path / "output_dir"
     shutil.copytree(trained["out"], out_dir)
@@ -168,7 +142,7 @@ def test_trajectory_cli_resumes_and_reports(trained, tmp_path, capsys):
     assert run.steps.tolist() == [2, 4, 6]
     assert run.layers == [0, 1, 2]
     assert (run_dir / "probe.safetensors").is_file()
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert list(run_dir.rglob("events.out.tfevents.*"))
     assert "changed most" in captured.out and "prompt_entropy" in captured.out
     assert "step 6" in captured.err
     assert len(jsonl_lines(run_dir)) == 3

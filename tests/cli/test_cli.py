@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SUBCOMMAND_MODULES = ("layerwatch.cli.demo", "layerwatch.analysis.trajectory", "layerwatch.analysis.report")
+SUBCOMMAND_MODULES = ("layerwatch.cli.demo", "layerwatch.cli.trajectory", "layerwatch.cli.report")
 
 _PROBE = """
 import json, sys
@@ -23,8 +23,8 @@ print(json.dumps(sorted(m for m in sys.modules if m in {modules!r})))
     ("argv", "imported"),
     [
         (["--help"], []),
-        (["-v", "report", "--help"], ["layerwatch.analysis.report"]),
-        (["trajectory", "--help"], ["layerwatch.analysis.trajectory"]),
+        (["-v", "report", "--help"], ["layerwatch.cli.report"]),
+        (["trajectory", "--help"], ["layerwatch.cli.trajectory"]),
     ],
 )
 def test_only_the_subcommand_being_run_is_imported(argv, imported):

@@ -51,7 +51,7 @@ def test_demo_trains_and_writes_a_run(tmp_path):
     assert all((out / name / "model.safetensors").is_file() for name in checkpoints)
     logdir = out / "layerwatch"
     assert (logdir / "probe.safetensors").is_file()
-    assert list(logdir.glob("events.out.tfevents.*"))
+    assert list(logdir.glob("all_layers/events.out.tfevents.*"))
     run = layerwatch.read_run(logdir)
     assert run.steps.tolist() == [1, 2, 4, 8, 10, 20]
     assert run.layers == [0, 1, 2, 3, 4]

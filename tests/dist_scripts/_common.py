@@ -70,14 +70,10 @@ def model_from_state(state: dict[str, torch.Tensor], dropout: float = 0.1):
 
 def make_probe():
     """A fixed probe: PROBE_PROMPTS prompts of different lengths (right padding), 2 views."""
-    from layerwatch import Probe
+    from helpers import random_probe  # tests/helpers.py (imports layerwatch: only when called)
 
-    generator = torch.Generator().manual_seed(1234)
-    input_ids = torch.randint(1, VOCAB, (PROBE_PROMPTS, SEQ), generator=generator)
-    lengths = torch.tensor([SEQ, SEQ - 2, SEQ - 5, SEQ, SEQ - 3])[:PROBE_PROMPTS]
-    attention_mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
-    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
-    return Probe.from_tensors(input_ids, attention_mask, vocab_size=VOCAB, views=2, seed=0)
+    lengths = [SEQ, SEQ - 2, SEQ - 5, SEQ, SEQ - 3][:PROBE_PROMPTS]
+    return random_probe(PROBE_PROMPTS, SEQ, views=2, seed=1234, probe_seed=0, lengths=lengths, vocab=VOCAB)
 
 
 def train_batches(rank: int, count: int, seed: int = 7) -> list[torch.Tensor]:

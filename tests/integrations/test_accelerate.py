@@ -14,10 +14,12 @@ import pytest
 import torch
 
 accelerate = pytest.importorskip("accelerate")
+pytestmark = pytest.mark.slow  # real training loops
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
+from helpers import random_probe  # noqa: E402
 from models import TINY_VOCAB, tiny_model  # noqa: E402
 
 import layerwatch  # noqa: E402
@@ -43,12 +45,7 @@ def fresh_accelerate_state():
 
 @pytest.fixture
 def probe() -> Probe:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, TINY_VOCAB, (6, 10), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[4, 5:] = 0
-    return Probe.from_tensors(ids * mask, mask, vocab_size=TINY_VOCAB, views=2, seed=0)
+    return random_probe(prompts=6, length=10, views=2, lengths=[10, 7, 10, 10, 5, 10])  # rows 1 and 4 padded
 
 
 def batches(count: int, seed: int = 1) -> list[torch.Tensor]:
@@ -115,12 +112,27 @@ def test_configured_tensorboard_tracker_receives_flat_keys(tmp_path, probe):
     assert FLAT_TAG in expected_tags
     assert expected_tags <= set(tracker_scalars), sorted(expected_tags - set(tracker_scalars))[:5]
     assert tracker_scalars[FLAT_TAG] == [1, 2, 4]
-    # The JSONL is still written (read_run works), and layerwatch's own TensorBoard writer stays off.
+    # layerwatch's own run is written too, in its own folder: the JSONL, and its rich TensorBoard run (one run per
+    # layer, beside the trackers' flat charts).
     logdir = default_logdir(accelerator)
     assert logdir == os.path.join(str(tmp_path), "layerwatch")
     run = layerwatch.read_run(logdir)
     assert list(run.steps) == [1, 2, 4]
-    assert event_files(logdir) == []
+    assert event_scalars(os.path.join(logdir, "layer_00"))["layerwatch/rms"] == [1, 2, 4]
+    assert not glob.glob(os.path.join(str(tmp_path), "exp", "layer_*"))  # nothing of it in the tracker's folder
+
+
+def test_tensorboard_false_leaves_out_layerwatchs_own_tensorboard_run(tmp_path, probe):
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path))
+    accelerator.init_trackers("exp")
+    model, optimizer = prepared(accelerator)
+    with LayerWatchAccelerate(accelerator, model, probe, every=2, metrics="light", tensorboard=False) as watch:
+        train(accelerator, model, optimizer, batches(2), watch)
+    accelerator.end_training()
+    logdir = tmp_path / "layerwatch"
+    assert jsonl_steps(logdir) == [1, 2]
+    assert glob.glob(str(logdir / "**" / "events.out.tfevents.*"), recursive=True) == []
+    assert FLAT_TAG in event_scalars(tmp_path / "exp")  # the trackers still get the scalars
 
 
 def test_without_trackers_falls_back_to_own_tensorboard_writer(tmp_path, probe):
@@ -129,7 +141,7 @@ def test_without_trackers_falls_back_to_own_tensorboard_writer(tmp_path, probe):
     with LayerWatchAccelerate(accelerator, model, probe, every=2, metrics="light", batch_size=4) as watch:
         train(accelerator, model, optimizer, batches(3), watch)
     logdir = tmp_path / "proj" / "layerwatch"
-    assert len(event_files(logdir)) == 1 and len(event_files(logdir / "layer_00")) == 1
+    assert len(event_files(logdir / "all_layers")) == 1 and len(event_files(logdir / "layer_00")) == 1
     scalars = event_scalars(logdir / "layer_00")  # layerwatch's own writer: one TensorBoard run per layer
     assert scalars["layerwatch/rms"] == [1, 2]
     assert jsonl_steps(logdir) == [1, 2]
@@ -264,7 +276,7 @@ def test_bad_arguments(tmp_path, probe):
     for every in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="every"):
             LayerWatchAccelerate(accelerator, model, probe, every=every, logdir=tmp_path)
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(TypeError, match="unknown LayerWatch option.*n_layers"):
         LayerWatchAccelerate(accelerator, model, probe, logdir=tmp_path, n_layers=3)
     with pytest.raises(TypeError, match="layerwatch.Probe"):
         LayerWatchAccelerate(accelerator, model, ["some text"], logdir=tmp_path)

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import tiny_trainer
 from models import TINY_VOCAB, tiny_model
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 import layerwatch
 from layerwatch.cli.demo import training_arguments
 from layerwatch.integrations.hf_trainer import LayerWatchCallback
+
+pytestmark = pytest.mark.slow  # real Trainer runs
 
 SEQ = 16
 TAG = "layerwatch/prompt_entropy"  # in the TensorBoard run of each layer, layer_NN/
@@ -50,12 +53,12 @@ def make_trainer(out, callbacks=(), *, steps=6, train=None, eval_data=None, mode
         logging_steps=1, save_steps=3, save_strategy="steps", seed=0, disable_tqdm=True,
     )
     settings.update(options)
-    return Trainer(
+    return tiny_trainer(
+        out, callbacks,
         model=model if model is not None else tiny_model("gpt2", seed=0, dropout=0.1).train(),
-        args=training_arguments(str(out), **settings),
         train_dataset=train if train is not None else CountingDataset(64, 0, 64, seed=0),
         eval_dataset=eval_data,
-        callbacks=list(callbacks),
+        **settings,
     )
 
 
@@ -251,6 +254,25 @@ def test_probe_from_datasets_without_iterating_the_train_loader(tmp_path):
     texts = datasets.Dataset.from_dict({"text": TEXTS})
     probe = begin(LayerWatchCallback(probe=texts, num_prompts=4), tmp_path / "text", tokenizer=word_tokenizer())
     assert probe.num_prompts == 4
+
+
+def test_label_column_and_the_start_up_line(tmp_path, caplog):
+    import datasets
+
+    ids = torch.randint(64, TINY_VOCAB, (12, SEQ), generator=torch.Generator().manual_seed(2)).tolist()
+    labels = ["pos" if i % 2 else "neg" for i in range(12)]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "label": labels})
+    callback = LayerWatchCallback(every=3, probe=data, label_column="label", metrics=["prompt_entropy", "probe_accuracy"])
+    with caplog.at_level(logging.INFO, logger="layerwatch"):
+        probe = begin(callback, tmp_path)
+    assert probe.num_prompts == 12  # all 12 rows: fewer than num_prompts=64
+    by_row = {tuple(row): label for row, label in zip(ids, labels)}
+    assert probe.labels == [by_row[tuple(row[mask.bool()].tolist())] for row, mask in zip(probe.input_ids, probe.attention_mask)]
+    lines = [r.getMessage() for r in caplog.records if "tensorboard --logdir" in r.getMessage()]
+    assert len(lines) == 1, caplog.text  # one start-up line: where it writes, how to view it, why the probe is small
+    logdir = str(tmp_path / "layerwatch")
+    assert f"writing to {logdir}" in lines[0] and lines[0].endswith(f"tensorboard --logdir {logdir}")
+    assert "12 prompts" in lines[0] and "has 12 rows" in lines[0] and "num_prompts=64" in lines[0]
 
 
 def test_max_length_is_capped_to_fit_the_models_positions(tmp_path, caplog):

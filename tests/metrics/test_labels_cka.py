@@ -14,7 +14,7 @@ from models import TINY_VOCAB, tiny_config, tiny_model
 from layerwatch import LayerWatch, Probe, read_run
 from layerwatch.metrics import linear_cka
 from layerwatch.monitor.references import References
-from tests.analysis.test_trajectory import char_tokenizer
+from helpers import char_tokenizer
 
 
 def labelled_ids(n=20, length=10, seed=0):
@@ -85,6 +85,17 @@ def test_label_metrics_only_with_labels(tmp_path):
     assert run.metric("probe_accuracy")[0].tolist() == pytest.approx(accuracy)
     (tmp_path / "layerwatch.jsonl").unlink()  # the same from the TensorBoard event files
     assert read_run(tmp_path).scalar("best_layer").tolist() == [best]
+
+
+def test_best_layer_comes_with_probe_accuracy_alone():
+    ids, labels = labelled_ids()
+    probe = Probe.from_tensors(ids, vocab_size=TINY_VOCAB, labels=labels, views=0)
+    watch = LayerWatch(probe, logdir=None, metrics=["probe_accuracy"])
+    assert watch.metric_names == ("probe_accuracy", "best_layer")
+    record = watch.run(tiny_model("gpt2", layers=2), 1)
+    accuracy = record.metrics["probe_accuracy"]
+    assert record.scalars["best_layer"] == max(range(3), key=lambda layer: (accuracy[layer], -layer))
+    assert "best_layer" not in record.metrics and len(record.stderr["probe_accuracy"]) == 3
 
 
 # ------------------------------------------------------------------------------------- training: accuracy rises

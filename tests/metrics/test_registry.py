@@ -17,17 +17,13 @@ from layerwatch.metrics import registry
 from layerwatch.monitor.capture import find_blocks
 from layerwatch.monitor import METRIC_PRESETS, LayerWatch
 from layerwatch.metrics.registry import HEALTH, POOLED, TOKENS, VIEWS, MetricSpec
-from layerwatch.rundir.runs import summary_table
-from models import TINY_VOCAB, block_hidden, tiny_model
+from layerwatch.analysis.summary import summary_table
+from helpers import random_probe
+from models import block_hidden, tiny_model
 
 
 def _probe(prompts=9, length=14):
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, TINY_VOCAB, (prompts, length), generator=generator)
-    lengths = torch.randint(5, length + 1, (prompts,), generator=generator)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    ids = torch.where(mask, ids, torch.zeros_like(ids))
-    return layerwatch.Probe.from_tensors(ids, mask.long(), vocab_size=TINY_VOCAB, views=0, seed=0)
+    return random_probe(prompts, length, views=0, seed=3, probe_seed=0, min_length=5)
 
 
 # The two functions a contributor would add to layerwatch/metrics.py.
@@ -109,7 +105,7 @@ def test_a_registered_metric_reaches_record_jsonl_tensorboard_read_run_alerts_an
     np.testing.assert_allclose(lines[-1]["metrics"]["test_pooled_norm"], expected_norm, rtol=1e-4)
 
     # TensorBoard, read back from the event files
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    events = EventAccumulator(str(tmp_path / "all_layers"), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
     for layer in range(layers):
@@ -151,7 +147,8 @@ def test_presets_and_flags_derive_from_the_declarations():
     beyond = ("massive_activation", "prompt_entropy_without_sinks", "probe_accuracy", "best_layer")
     beyond += ("cka_to_previous", "cka_to_first")  # probe_accuracy and best_layer run only on labelled probes
     assert METRIC_PRESETS["light"] == light + beyond + ("rms", "max_abs", "nonfinite")
-    assert METRIC_PRESETS["standard"] == METRIC_PRESETS["light"] + ("infonce", "infonce_chance", "dime", "lidar")
+    views = ("infonce", "infonce_chance", "dime", "lidar")
+    assert METRIC_PRESETS["standard"] == METRIC_PRESETS["light"] + views + ("intrinsic_dimension",)
     assert METRIC_PRESETS["paper"] == METRIC_PRESETS["standard"]
     assert registry.histogram_metrics() == ("prompt_entropy", "curvature")
     assert registry.collapse_metrics() == ("dataset_entropy", "effective_rank")
@@ -160,6 +157,12 @@ def test_presets_and_flags_derive_from_the_declarations():
     assert registry.resolve_metrics("paper") == ("paper", METRIC_PRESETS["paper"], 16)
     assert registry.resolve_metrics(["health", "lidar", "rms"]) == ("custom", ("rms", "max_abs", "nonfinite", "lidar"), 2)
     assert registry.resolve_metrics(["curvature_abs"]) == ("custom", ("curvature_abs",), 0)
+    assert registry.resolve_metrics("dime") == ("custom", ("dime",), 2)  # one name, given as a string
+    # best_layer comes with probe_accuracy (issue 21.4), once
+    assert registry.resolve_metrics(["probe_accuracy"]) == ("custom", ("probe_accuracy", "best_layer"), 0)
+    assert registry.resolve_metrics(["best_layer", "probe_accuracy"])[1] == ("best_layer", "probe_accuracy")
+    stderr = tuple(name for name in registry.all_metrics() if registry.spec(name).stderr)
+    assert "best_layer" not in stderr and not set(stderr) & set(registry.metrics_needing(HEALTH))
 
 
 @pytest.mark.parametrize(

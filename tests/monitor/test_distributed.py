@@ -31,13 +31,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NEEDS_FSDP2_ON_CPU = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 (fully_shard) runs on a CPU from torch 2.6 on")
 REPO = os.path.dirname(HERE)
 SCRIPTS = os.path.join(os.path.dirname(HERE), "dist_scripts")
-JOB_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 420
+# The workers' gloo timeout. Short, so that a hang fails in minutes, not the default 30; not 60 s, because on a
+# loaded 2-core machine rank 0 closing its TensorBoard writer (waiting for the pictures) took 110 s while rank 1
+# already waited in the next collective.
+DIST_TIMEOUT_S = 180
 WORLD = 2
 
-pytestmark = pytest.mark.skipif(
+NEEDS_GLOO = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
     reason="torch.distributed with the gloo backend is not available in this torch build",
 )
+pytestmark = [pytest.mark.slow, NEEDS_GLOO]
 
 
 def _free_port() -> int:
@@ -46,16 +51,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_job(script: str, outdir: str) -> dict[int, dict]:
-    """Launch ``torchrun --nproc_per_node 2 script outdir``; return each rank's result, or fail with the logs."""
+def _run_job(
+    script: str, outdir: str, *args: str, dist_timeout: int = DIST_TIMEOUT_S, job_timeout: int = JOB_TIMEOUT_S
+) -> dict[int, dict]:
+    """Launch ``torchrun --nproc_per_node 2 script outdir *args``; return each rank's result, or fail with the logs.
+
+    ``dist_timeout`` is the workers' process-group timeout (seconds); the elapsed time goes to the result as
+    ``job_seconds``."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(SCRIPTS, script), outdir,
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(SCRIPTS, script), outdir, *args,
     ]
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1",
-        LAYERWATCH_DIST_TIMEOUT="60",
+        LAYERWATCH_DIST_TIMEOUT=str(dist_timeout),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
@@ -67,11 +77,11 @@ def _run_job(script: str, outdir: str) -> dict[int, dict]:
         start_new_session=True,
     )
     try:
-        output, _ = process.communicate(timeout=JOB_TIMEOUT_S)
+        output, _ = process.communicate(timeout=job_timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the group this test started
         output, _ = process.communicate()
-        pytest.fail(f"{script} did not finish within {JOB_TIMEOUT_S} s (a hang?)\n{_logs(outdir, output)}")
+        pytest.fail(f"{script} did not finish within {job_timeout} s (a hang?)\n{_logs(outdir, output)}")
     elapsed = time.monotonic() - started
     if process.returncode != 0:
         pytest.fail(f"{script} exited with {process.returncode} after {elapsed:.0f} s\n{_logs(outdir, output)}")
@@ -81,6 +91,7 @@ def _run_job(script: str, outdir: str) -> dict[int, dict]:
         assert os.path.exists(path), f"{script}: rank {rank} wrote no result\n{_logs(outdir, output)}"
         with open(path) as handle:
             results[rank] = json.load(handle)
+        results[rank]["job_seconds"] = elapsed
     return results
 
 
@@ -122,12 +133,13 @@ def _jsonl_steps(logdir: str) -> list[int]:
 def _assert_single_writer(outdir: str, logdir: str, steps: list[int]) -> None:
     """One JSONL and one TensorBoard writer in the whole job, in ``logdir``, with the expected steps.
 
-    The writer makes one event file in ``logdir`` and one in each layer's run ``logdir/layer_NN``.
+    The writer makes one event file in each of its runs: ``logdir/all_layers``, each layer's ``logdir/layer_NN``
+    and the threshold line's run.
     """
     events = glob.glob(os.path.join(outdir, "**", "events.out.tfevents.*"), recursive=True)
-    directories = sorted(os.path.dirname(path) for path in events)
-    assert directories[0] == logdir and len(set(directories)) == len(directories), events
-    assert all(re.fullmatch(r"layer_\d\d", os.path.relpath(d, logdir)) for d in directories[1:]), events
+    directories = sorted(os.path.relpath(os.path.dirname(path), logdir) for path in events)
+    assert len(set(directories)) == len(directories) and "all_layers" in directories, events
+    assert all(re.fullmatch(r"layer_\d\d|all_layers|bimodality_threshold_5_9", d) for d in directories), events
     assert len(directories) > 1, events
     jsonls = glob.glob(os.path.join(outdir, "**", "layerwatch.jsonl"), recursive=True)
     assert jsonls == [os.path.join(logdir, "layerwatch.jsonl")], jsonls
@@ -210,7 +222,7 @@ def test_exception_on_one_rank_skips_the_probe_on_all_ranks(accelerate_job):
 def test_fsdp_writes_one_run_and_matches_single_process(fsdp_job, flavour):
     outdir, results = fsdp_job
     logdir = os.path.join(outdir, flavour)
-    events = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    events = glob.glob(os.path.join(logdir, "all_layers", "events.out.tfevents.*"))
     assert len(events) == 1, events
     steps = _jsonl_steps(logdir)
     assert steps == [0, 1, 2]
@@ -226,8 +238,8 @@ def test_fsdp_job_has_no_other_writers(fsdp_job):
     events = glob.glob(os.path.join(outdir, "**", "events.out.tfevents.*"), recursive=True)
     runs = [os.path.relpath(os.path.dirname(path), outdir).split(os.sep) for path in events]
     expected = ["fsdp1", "fsdp2"] if FSDP2_ON_CPU else ["fsdp1"]
-    assert sorted(run[0] for run in runs if len(run) == 1) == expected  # one writer per run directory
-    assert all(len(run) == 2 and re.fullmatch(r"layer_\d\d", run[1]) for run in runs if len(run) != 1), runs
+    assert sorted(run[0] for run in runs if run[1:] == ["all_layers"]) == expected  # one writer per run directory
+    assert all(len(run) == 2 and re.fullmatch(r"layer_\d\d|all_layers|bimodality_threshold_5_9", run[1]) for run in runs), runs
 
 
 @pytest.mark.parametrize("flavour", ["fsdp1", pytest.param("fsdp2", marks=NEEDS_FSDP2_ON_CPU)])

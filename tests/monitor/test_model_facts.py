@@ -92,3 +92,73 @@ def test_check_probe_names_both_vocabularies_and_the_positions(caplog):
     with pytest.raises(ValueError, match="300 tokens .* at most 256 positions"):
         facts.check_probe(long)
     facts.check_probe(long, longest=200)  # only what will be fed is checked
+
+
+def _count_facts(monkeypatch):
+    """Count the facts resolutions (ModelFacts built) from here on."""
+    built = []
+    original = facts_module.ModelFacts
+
+    class Counted(original):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("_model"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(facts_module, "ModelFacts", Counted)
+    return built
+
+
+def test_facts_are_resolved_once_on_the_trainer_start_up_path(tmp_path, monkeypatch):
+    """on_train_begin (probe fitting, the model check, the monitor) and the first probes (validation, the cost
+    estimate, hooks): one resolution of the model's facts."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from layerwatch.integrations.hf_trainer import LayerWatchCallback
+
+    built = _count_facts(monkeypatch)
+    model = tiny_model("gpt2")
+    probe = layerwatch.Probe.from_tensors(torch.randint(1, TINY_VOCAB, (6, 12)), vocab_size=TINY_VOCAB, views=2)
+    callback = LayerWatchCallback(every=1, probe=probe, logdir=tmp_path / "run", tensorboard=False)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model)
+    for step in (1, 2):
+        state.global_step = step
+        callback.on_step_end(args, state, control, model=model)
+    callback.on_train_end(args, state, control, model=model)
+    assert len(built) == 1 and built[0]() is model
+    assert layerwatch.read_run(tmp_path / "run").steps.tolist() == [1, 2]
+
+
+def test_facts_are_resolved_once_on_the_accelerate_start_up_path(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from layerwatch.integrations.accelerate_loop import LayerWatchAccelerate
+
+    built = _count_facts(monkeypatch)
+    model = tiny_model("gpt2")
+    accelerator = Accelerator(cpu=True)
+    prepared = accelerator.prepare(model)
+    probe = layerwatch.Probe.from_tensors(torch.randint(1, TINY_VOCAB, (6, 12)), vocab_size=TINY_VOCAB, views=2)
+    watch = LayerWatchAccelerate(accelerator, prepared, probe, every=1, logdir=tmp_path, register_for_checkpointing=False)
+    for step in (1, 2):
+        assert watch.step(step=step) is not None
+    watch.close()
+    assert len(built) == 1
+
+
+def test_the_cost_estimate_reads_the_facts_not_the_config(monkeypatch):
+    from layerwatch.monitor import capture, cost
+
+    model = tiny_model("gpt2", layers=3, hidden=32)
+    facts = model_facts(model)
+    assert (facts.width, facts.parameters) == (32, sum(p.numel() for p in model.parameters()))
+    monkeypatch.setattr(capture, "model_config", lambda *a: pytest.fail("the config is read again"))
+    estimate = cost.check_probe_cost(
+        facts, layers=4, lengths=[10] * 6, metric_names=["dataset_entropy"], views=0, alpha=1.0, batch_size=4,
+    )
+    expected = cost.estimate_probe_cost(
+        layers=4, width=32, tokens=[10] * 6, parameters=facts.parameters, views=0, token_metrics=False,
+        metric_names=["dataset_entropy"], batch_size=4,
+    )
+    assert estimate == expected

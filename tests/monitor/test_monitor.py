@@ -15,18 +15,13 @@ from layerwatch import metrics as M
 from layerwatch.monitor.capture import CaptureError, find_blocks
 from layerwatch.monitor import LayerWatch
 from layerwatch.monitor.schedule import ProbeSchedule
+from helpers import random_probe
 from models import KINDS, TINY_VOCAB, block_hidden, tiny_model, with_block_hidden
 
 
 def make_probe(prompts=12, length=20, views=2, seed=0, left_pad=False):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, TINY_VOCAB, (prompts, length), generator=generator)
-    lengths = torch.randint(6, length + 1, (prompts,), generator=generator)
-    lengths[0] = length
-    positions = torch.arange(length)[None, :]
-    mask = positions >= (length - lengths[:, None]) if left_pad else positions < lengths[:, None]
-    ids = torch.where(mask, ids, torch.zeros_like(ids))
-    return layerwatch.Probe.from_tensors(ids, mask.long(), vocab_size=TINY_VOCAB, views=views, seed=seed)
+    """Prompts of random lengths (6..length, the first one full), padded on the right or the left."""
+    return random_probe(prompts, length, views, seed, left_pad=left_pad, min_length=6, first_full=True)
 
 
 def event_accumulator(logdir):
@@ -104,10 +99,13 @@ def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
     assert first["settings"]["preset"] == "standard" and first["wall_time_s"] > 0
 
     # One TensorBoard run per layer (layer_NN/), one tag per metric: every layer is its own coloured line.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["layer_00", "layer_01", "layer_02"]
+    assert sorted(p.name for p in tmp_path.glob("layer_*") if p.is_dir()) == ["layer_00", "layer_01", "layer_02"]
     for layer in range(3):
         layer_events = event_accumulator(tmp_path / f"layer_{layer:02d}")
-        assert sorted(layer_events.Tags()["scalars"]) == sorted(f"layerwatch/{name}" for name in run.metrics)
+        scalar_tags = layer_events.Tags()["scalars"]
+        assert sorted(t for t in scalar_tags if t.startswith("layerwatch/")) == sorted(f"layerwatch/{n}" for n in run.metrics)
+        # beside them, each metric's standard error in a section of its own (rms & co. have none)
+        assert "layerwatch_stderr/prompt_entropy" in scalar_tags and "layerwatch_stderr/rms" not in scalar_tags
         for name in run.metrics:
             points = layer_events.Scalars(f"layerwatch/{name}")
             assert [e.step for e in points] == probed
@@ -115,12 +113,14 @@ def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
         assert {"layerwatch/prompt_entropy_per_prompt", "layerwatch/curvature_per_prompt"} <= set(
             layer_events.Tags()["histograms"]
         )
-    accumulator = event_accumulator(tmp_path)  # the run itself: run-level scalars, pictures, alerts, layout
+    accumulator = event_accumulator(tmp_path / "all_layers")  # run-level scalars, pictures, alerts, layout
     tags = accumulator.Tags()
     assert sorted(tags["scalars"]) == ["layerwatch/errors", "layerwatch/probe_seconds"]
     assert [(e.step, e.value) for e in accumulator.Scalars("layerwatch/errors")] == [(1, 0.0)]
     alerts = accumulator.Tensors("layerwatch/alerts/text_summary")
-    assert [e.step for e in alerts] == [1] and b"No alerts so far (step 1)" in alerts[0].tensor_proto.string_val[0]
+    # the alerts text is rewritten at every probe, and says which step it checked
+    assert [e.step for e in alerts] == probed
+    assert f"No alerts (checked at step {probed[-1]})".encode() in alerts[-1].tensor_proto.string_val[0]
     assert "layerwatch/heatmap/prompt_entropy" in tags["images"]
     assert "layerwatch/depth_profile/curvature" in tags["images"]
     heatmaps = accumulator.Images("layerwatch/heatmap/prompt_entropy")
@@ -256,10 +256,96 @@ def test_probe_the_model_cannot_take_is_refused_before_any_forward(tmp_path):
     probe = layerwatch.Probe.from_tensors(big_ids, vocab_size=1000, views=0)
     with pytest.raises(ValueError, match="vocabulary has 128"):
         LayerWatch(probe, logdir=None, metrics="light", strict=True).run(model, 1)
-    long_probe = layerwatch.Probe.from_tensors(torch.ones(2, 300, dtype=torch.long), vocab_size=TINY_VOCAB, views=0)
-    with pytest.raises(ValueError, match="256 positions"):
-        LayerWatch(long_probe, logdir=None, metrics="light", strict=True).run(model, 1)
     assert calls == []
+
+
+def _positions_32_model():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=TINY_VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("metrics, fits", [("standard", 24), ("light", 32)])
+def test_a_probe_longer_than_the_positions_is_fitted_before_the_first_forward(tmp_path, caplog, metrics, fits):
+    """128-token prompts make 167-token views; a 32-position model takes prompts of 24 (views of 31), or of 32 when
+    no metric feeds views: the probe is cut to that, said once with the max_length that fits, and saved so."""
+    model = _positions_32_model()
+    long_probe = make_probe(prompts=8, length=128)
+    assert long_probe.max_length() == 167
+    lengths_at_forward = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: lengths_at_forward.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]), with_kwargs=True)
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        watch = LayerWatch(long_probe, logdir=tmp_path, metrics=metrics, every=1, strict=True)
+        first, second = watch.run(model, 1), watch.run(model, 2)
+        watch.close()
+    fitted = [r.getMessage() for r in caplog.records if "max_length=" in r.getMessage()]
+    assert len(fitted) == 1 and f"max_length={fits}" in fitted[0] and "32 positions" in fitted[0], fitted
+    assert first is not None and second is not None and max(lengths_at_forward) <= 32
+    assert int(watch.probe.attention_mask.sum(1).max()) == fits and len(watch.probe.views) == len(long_probe.views)
+    assert torch.equal(watch.probe.input_ids, long_probe.input_ids[:, :fits])  # cut, not rebuilt
+    saved = layerwatch.Probe.load(tmp_path)
+    assert saved.content_hash == watch.probe.content_hash == first.settings["probe_hash"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):  # with the model at construction: fitted there
+        early = LayerWatch(long_probe, logdir=None, metrics=metrics, model=model)
+    assert early.probe.content_hash == saved.content_hash and "max_length=" in caplog.text
+
+
+def test_a_model_too_short_for_any_probe_is_refused_naming_the_way_out():
+    import transformers
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=TINY_VOCAB, n_positions=3, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="metrics='light'"):
+        LayerWatch(make_probe(), logdir=None, metrics="standard", strict=True).run(model, 1)
+
+
+def test_a_run_whose_every_probe_failed_says_so_at_close_and_in_read_run(tmp_path, caplog):
+    model = tiny_model("gpt2")
+
+    def explode(*args):
+        raise RuntimeError("simulated kernel failure")
+
+    find_blocks(model)[0].register_forward_hook(explode)
+    watch = LayerWatch(make_probe(), logdir=tmp_path, every=1, metrics="light")
+    assert watch.step(model, 1) is None and watch.step(model, 2) is None
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        watch.close()
+        watch.close()
+    (closing,) = [r.getMessage() for r in caplog.records if "every probe" in r.getMessage()]
+    assert "2 probes" in closing and "RuntimeError: simulated kernel failure" in closing and str(tmp_path) in closing
+    with pytest.raises(FileNotFoundError, match="every probe of that run failed"):
+        layerwatch.read_run(tmp_path)
+
+
+def test_a_non_finite_first_probe_does_not_poison_cka_to_first(tmp_path):
+    """The first probe's embeddings are NaN from block 1 on: cka_to_first is NaN there (with a "cka" alert), the next
+    finite probe becomes those layers' reference (1.0), later probes compare with it, and a resume keeps it."""
+    model = tiny_model("gpt2", layers=3)
+    block = find_blocks(model)[1]
+    broken = {"on": True}
+    block.register_forward_hook(
+        lambda m, a, out: with_block_hidden(out, block_hidden(out) * float("nan")) if broken["on"] else None
+    )
+    metrics = ["cka_to_first", "cka_to_previous", "nonfinite"]
+    with LayerWatch(make_probe(views=0), logdir=tmp_path, metrics=metrics, strict=True) as watch:
+        bad = watch.run(model, 1)
+        broken["on"] = False
+        good = watch.run(model, 2)
+        with torch.no_grad():
+            for parameter in model.transformer.h[2].parameters():
+                parameter.add_(0.5 * torch.randn_like(parameter))
+        moved = watch.run(model, 3)
+    assert bad.metrics["cka_to_first"][:2] == pytest.approx([1.0, 1.0]) and all(math.isnan(v) for v in bad.metrics["cka_to_first"][2:])
+    deferred = [a for a in bad.alerts if a.kind == "cka"]
+    assert {a.layer for a in deferred} == {2, 3} and all(a.metric == "cka_to_first" for a in deferred)
+    assert good.metrics["cka_to_first"] == pytest.approx([1.0] * 4, abs=1e-6)  # layers 2, 3: their first finite probe
+    assert moved.metrics["cka_to_first"][:3] == pytest.approx([1.0] * 3, abs=1e-6) and moved.metrics["cka_to_first"][3] < 0.99
+    with LayerWatch(make_probe(views=0), logdir=tmp_path, metrics=metrics, resume_step=3, strict=True) as resumed:
+        again = resumed.run(model, 4)
+    assert again.metrics["cka_to_first"] == pytest.approx(moved.metrics["cka_to_first"], abs=1e-6)
 
 
 def test_a_failing_probe_warns_once_counts_and_training_goes_on(tmp_path, caplog):
@@ -279,7 +365,7 @@ def test_a_failing_probe_warns_once_counts_and_training_goes_on(tmp_path, caplog
     handle.remove()
     assert watch.run(model, 3) is not None
     watch.close()
-    accumulator = event_accumulator(tmp_path)
+    accumulator = event_accumulator(tmp_path / "all_layers")
     assert [(e.step, e.value) for e in accumulator.Scalars("layerwatch/errors")] == [(1, 1), (2, 2), (3, 2)]
     assert layerwatch.read_run(tmp_path).steps.tolist() == [3]
     strict = LayerWatch(make_probe(), logdir=None, metrics="light", strict=True)
@@ -317,9 +403,10 @@ def test_collapse_alerts_fire_once_per_condition(tmp_path):
     assert len(collapse) == 3  # dataset entropy under the (impossible) floor 2.0 at two probes, three layers
     assert all("2 consecutive probes (steps 1 to 2)" in a for a in collapse)
     assert not [a for a in third.alerts if a.startswith("collapse")]
-    alerts = event_accumulator(tmp_path).Tensors("layerwatch/alerts/text_summary")
-    texts = [e.tensor_proto.string_val[0].decode() for e in alerts]
-    assert texts[0].startswith("No alerts so far (step 1)") and texts[1:] == collapse
+    alerts = event_accumulator(tmp_path / "all_layers").Tensors("layerwatch/alerts/text_summary")
+    texts = [e.tensor_proto.string_val[0].decode() for e in alerts]  # one text per probe
+    assert texts[0].startswith("No alerts (checked at step 1)") and texts[1] == "\n\n".join(collapse)
+    assert texts[2].startswith("No new alerts (checked at step 3); 3 earlier alert(s)")
 
 
 def test_layers_override_and_a_model_without_blocks():

@@ -49,9 +49,9 @@ def test_default_logdir():
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"max_overhead": 1.5}, ValueError, "max_overhead"),
         ({"collapse_probes": 0}, ValueError, "collapse_probes"),
-        ({"evry": 3}, TypeError, "unknown option.*evry"),
-        ({"probe": 3}, TypeError, "unknown option.*probe"),
-        ({"logdir": "x"}, TypeError, "Owner sets logdir itself"),
+        ({"evry": 3}, TypeError, "Owner: unknown LayerWatch option.*evry"),
+        ({"probe": 3}, TypeError, "unknown LayerWatch option.*probe"),
+        ({"logdir": "x"}, TypeError, "logdir is set by Owner itself"),
     ],
 )
 def test_check_watch_options(options, error, match):
@@ -114,3 +114,57 @@ def test_fitting_max_length_is_the_longest_prompt_whose_views_fit(positions, cap
     assert ("lowered" in caplog.text) == (brute < positions)
     assert session.fitting_max_length(model, positions, uses_views=False) == positions  # "light": no views
     assert session.fitting_max_length(None, 50) == 50
+
+
+def test_the_start_up_line_shows_in_a_script_that_never_configured_logging():
+    import subprocess
+    import sys
+
+    code = "from layerwatch.monitor import session; session.announce('layerwatch: hello')"
+    quiet = "import logging; logging.getLogger('layerwatch').setLevel(logging.WARNING); " + code
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    silenced = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == silenced.returncode == 0, shown.stderr + silenced.stderr
+    assert shown.stderr.strip().splitlines()[-1] == "layerwatch: hello"  # Python alone would drop an INFO line
+    assert "hello" not in silenced.stderr  # a layerwatch logger set above INFO silences it
+
+
+def test_start_watch_notes_a_small_dataset_and_takes_labels(tmp_path, caplog):
+    model = tiny_model("gpt2")
+    rows = [{"input_ids": list(range(1 + i, 13 + i)), "label": i % 2} for i in range(10)]
+    options = session.adapter_options(
+        "Owner", 2, probe=rows, label_column="label", watch={"metrics": ["prompt_entropy", "probe_accuracy"]}
+    )
+    assert options.views == 0 and options.every == 2 and "every" not in options.watch
+    with caplog.at_level(logging.INFO, logger="layerwatch"):
+        watch = session.start_watch(options, model=model, base_dir=tmp_path, start_step=0, is_main=True)
+    watch.close()
+    assert watch.probe.num_prompts == 10 and sorted(watch.probe.labels) == [0] * 5 + [1] * 5
+    logdir = os.path.join(str(tmp_path), "layerwatch")
+    assert os.path.isfile(os.path.join(logdir, "probe.safetensors"))
+    [line] = [r.getMessage() for r in caplog.records if "tensorboard --logdir" in r.getMessage()]
+    assert line == (
+        "layerwatch: probing 10 prompts (the dataset passed as probe= has 10 rows; num_prompts=64) every 2 steps; "
+        f"writing to {logdir}; view it with: tensorboard --logdir {logdir}"
+    )
+    with pytest.raises(TypeError, match="Owner: label_column must be a column name"):
+        session.adapter_options("Owner", 2, label_column=3)
+
+
+def test_scalars_writer_and_collapse_alerts():
+    from layerwatch.rundir.record import ProbeRecord
+
+    sent = []
+    writer = session.ScalarsWriter(lambda values, step: sent.append((step, values)))
+    record = ProbeRecord(step=3, time=0.0, wall_time_s=0.5, layers=[0, 1], metrics={"rms": [1.0, 2.0]},
+                         alerts=["collapse: dataset_entropy at layer 1 has stayed at or below its floor"])
+    writer.write(record)
+    writer.write_errors(4, 2)
+    assert sent == [
+        (3, {"layerwatch/rms/layer_00": 1.0, "layerwatch/rms/layer_01": 2.0, "layerwatch/probe_seconds": 0.5}),
+        (4, {"layerwatch/errors": 2.0}),
+    ]
+    assert session.collapse_raised(record)
+    assert not session.collapse_raised(None)
+    assert not session.collapse_raised(ProbeRecord(step=1, time=0.0, wall_time_s=0.0, layers=[0], metrics={},
+                                                   alerts=["nonfinite: rms at layer 0"]))

@@ -282,3 +282,13 @@ def test_max_view_length_is_the_worst_case(length):
     view_ids, view_mask = augment_batch(ids, vocab_size=VOCAB, generator=_gen(0))
     assert int(view_mask.sum()) == max_view_length(length)
     assert max_view_length(length, max_edits=2) == length + min(2, _expected_k(length - 1))
+
+
+@pytest.mark.parametrize("positions", [1, 3, 4, 24, 32, 100, 128, 1024])
+def test_fitting_length_is_the_longest_prompt_whose_views_fit(positions):
+    from layerwatch.probe.augment import fitting_length
+
+    fitting = fitting_length(positions)
+    assert max_view_length(fitting) <= positions < max_view_length(fitting + 1)
+    assert fitting_length(positions, uses_views=False) == positions
+    assert fitting_length(positions, edit_fraction=0.1) >= fitting

@@ -552,3 +552,42 @@ def test_builders_return_the_calling_class():
 
     probe = Tagged.from_tensors(torch.tensor([[1, 2, 3, 4]]), vocab_size=8, views=1)
     assert type(probe) is Tagged and type(probe.with_views(3)) is Tagged
+
+
+def test_a_from_texts_probe_is_fitted_to_a_32_position_model(tokenizer, caplog):
+    """The README's plain-PyTorch probe (max_length=128) on a 32-position model: its 128-token prompts make
+    167-token views; the monitor cuts it to 24 tokens (views of 31) before the first forward and says so."""
+    import transformers
+
+    from layerwatch.monitor import LayerWatch
+    from layerwatch.probe.augment import max_view_length
+
+    texts = [" ".join(SENTENCES[i:] + SENTENCES[:i]) * 3 for i in range(len(SENTENCES))]
+    probe = Probe.from_texts(texts, tokenizer, num_prompts=8)
+    assert int(probe.attention_mask.sum(1).max()) == 128 and 160 < probe.max_length() <= max_view_length(128) == 167
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with caplog.at_level(logging.WARNING, logger="layerwatch"):
+        watch = LayerWatch(probe, logdir=None, metrics="standard", strict=True)
+        record = watch.run(model, 1)
+    assert record is not None and all(len(values) == 3 for values in record.metrics.values())
+    assert "max_length=24" in caplog.text and int(watch.probe.attention_mask.sum(1).max()) == 24
+    assert watch.probe.max_length() <= 32
+    again = Probe.from_texts(texts, tokenizer, num_prompts=8, max_length=24)  # the length it names fits as built
+    assert again.max_length() <= 32 and again.fitted_to(32) is again
+
+
+def test_cropped_and_fitted_to_keep_the_settings_and_regenerate_the_views():
+    ids = torch.randint(4, 30, (10, 40), generator=torch.Generator().manual_seed(0))
+    probe = Probe.from_tensors(ids, vocab_size=30, views=3, seed=4, special_token_ids=(0, 1), labels=[0, 1] * 5)
+    assert probe.fitted_to(probe.max_length()) is probe
+    assert probe.fitted_to(40, uses_views=False) is probe
+    cut = probe.fitted_to(32)
+    assert cut.max_length() <= 32 and int(cut.attention_mask.sum(1).max()) == 24 and len(cut.views) == 3
+    assert (cut.seed, cut.special_token_ids, cut.labels, cut.vocab_size) == (4, (0, 1), probe.labels, 30)
+    assert cut.content_hash == Probe.from_tensors(ids[:, :24], vocab_size=30, views=3, seed=4, special_token_ids=(0, 1),
+                                                 labels=probe.labels).content_hash
+    with pytest.raises(ValueError, match="metrics='light'"):
+        probe.fitted_to(3)
+    assert int(probe.fitted_to(3, uses_views=False).attention_mask.sum(1).max()) == 3

@@ -63,7 +63,7 @@ def test_depth_profile_bars_start_at_zero_and_print_values():
     np.testing.assert_allclose(heights / heights.max(), values / values.max(), atol=0.02)  # not min..max scaled
     figure = images.profile_figure(values, [0, 1, 2, 3], metric="x", step=7)
     labels = [t.get_text() for t in figure.axes[0].texts]
-    assert labels == ["0.530", "0.840", "2.017", "2.067"]
+    assert labels == ["0.530", "0.840", "2.02", "2.07"]  # 3 significant digits
     assert figure.axes[0].get_ylim()[0] == 0.0 and "step 7" in figure.axes[0].get_title()
 
 
@@ -76,3 +76,33 @@ def test_without_matplotlib_the_plain_renderers_are_used(monkeypatch):
     bars = images.depth_profile(np.array([1.0, 2.0, 4.0]), metric="m")
     heights = [(bars[:, 16 * i + 8] != 255).any(-1).sum() for i in range(3)]
     assert heights == [30, 60, 120]  # from zero: height proportional to the value
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(0.53, "0.530"), (2.017, "2.02"), (41.23, "41.2"), (1350.4, "1350"), (-2.38e-07, "-2.38e-07"), (0.0, "0"),
+     (-0.0, "0"), (-0.0004999, "-5.00e-04"), (float("nan"), "nan"), (2.5e6, "2.50e+06")],
+)
+def test_format_value_has_three_significant_digits_and_no_minus_zero(value, text):
+    assert images.format_value(value) == text
+
+
+def test_small_heatmap_thumbnail_keeps_layer_zero_at_the_bottom_with_few_ticks():
+    pytest.importorskip("matplotlib")
+    figure = images.new_figure(3, 3)
+    axes = figure.add_subplot()
+    matrix = np.arange(31 * 5, dtype=float).reshape(31, 5)
+    image = images.draw_small_heatmap(axes, matrix, [0, 10, 20, 30, 40], list(range(31)), title="prompt_entropy")
+    assert axes.get_ylim()[0] < axes.get_ylim()[1]  # origin lower
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["0", "15", "30"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["0", "40"]
+    assert image.get_clim() == (0.0, float(31 * 5 - 1)) and axes.get_title() == "prompt_entropy"
+
+
+def test_symlog_step_axis_has_no_empty_negative_range():
+    pytest.importorskip("matplotlib")
+    axes = images.new_figure(4, 3).add_subplot()
+    steps = [1, 2, 4, 8, 50, 120]
+    axes.plot(steps, steps)
+    images.set_step_scale(axes, steps)
+    assert axes.get_xscale() == "symlog" and 0 < axes.get_xlim()[0] <= 1 and axes.get_xlim()[1] >= 120

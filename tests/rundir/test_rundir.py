@@ -4,20 +4,13 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
-import layerwatch
 from layerwatch.monitor import LayerWatch
 from layerwatch.rundir.record import ProbeRecord
 from layerwatch.rundir.claim import WriterClaim, open_writers
 from layerwatch.rundir.files import JSONL_NAME, PROBE_FILENAME
 from layerwatch.rundir.writers import HeatmapHistory, JsonlWriter, Writer, TensorBoardWriter
-from models import TINY_VOCAB
-
-
-def _probe():
-    ids = torch.randint(1, TINY_VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))
-    return layerwatch.Probe.from_tensors(ids, vocab_size=TINY_VOCAB, views=0)
+from helpers import random_probe
 
 
 def _record(step, metrics, layers=3):
@@ -62,18 +55,18 @@ def test_writer_base_class_defaults():
 
 def test_writers_argument_without_write_is_refused_naming_it():
     with pytest.raises(TypeError, match="writers= holds"):
-        LayerWatch(_probe(), logdir=None, writers=[object()])
+        LayerWatch(random_probe(prompts=6, length=10, views=0), logdir=None, writers=[object()])
 
 
 def test_open_writers_writes_the_run_files_and_claims_the_directory(tmp_path):
-    writers = open_writers(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+    writers = open_writers(tmp_path, random_probe(prompts=6, length=10, views=0), tensorboard=True, jsonl=True, resume_step=None)
     assert [type(s) for s in writers] == [JsonlWriter, TensorBoardWriter, WriterClaim]
     assert (tmp_path / PROBE_FILENAME).is_file() and (tmp_path / JSONL_NAME).is_file()
     with pytest.raises(ValueError, match="already has a live layerwatch writer in this process"):
-        open_writers(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+        open_writers(tmp_path, random_probe(prompts=6, length=10, views=0), tensorboard=True, jsonl=True, resume_step=None)
     for writer in writers:
         writer.close()
-    second = open_writers(tmp_path, _probe(), tensorboard=True, jsonl=False, resume_step=None)  # released on close
+    second = open_writers(tmp_path, random_probe(prompts=6, length=10, views=0), tensorboard=True, jsonl=False, resume_step=None)  # released on close
     assert [type(s) for s in second] == [TensorBoardWriter, WriterClaim]
     for writer in second:
         writer.close()
@@ -82,7 +75,7 @@ def test_open_writers_writes_the_run_files_and_claims_the_directory(tmp_path):
 def test_a_lock_file_that_cannot_be_opened_is_a_clear_logdir_error(tmp_path):
     (tmp_path / "layerwatch.lock").mkdir()  # os.open(O_RDWR) of a directory fails, as on a read-only folder
     with pytest.raises(ValueError, match=r"logdir=.* is not writable .*pass a directory you can write to"):
-        open_writers(tmp_path, _probe(), tensorboard=True, jsonl=True, resume_step=None)
+        open_writers(tmp_path, random_probe(prompts=6, length=10, views=0), tensorboard=True, jsonl=True, resume_step=None)
     (tmp_path / "layerwatch.lock").rmdir()
-    for writer in open_writers(tmp_path, _probe(), tensorboard=False, jsonl=True, resume_step=None):  # the key was released
+    for writer in open_writers(tmp_path, random_probe(prompts=6, length=10, views=0), tensorboard=False, jsonl=True, resume_step=None):  # the key was released
         writer.close()

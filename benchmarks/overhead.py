@@ -1,0 +1,196 @@
+"""What layerwatch costs a real Trainer run, measured, beside what ``layerwatch.monitor.cost`` predicts (Cockpit-style).
+
+    python benchmarks/overhead.py             # GPT-2-style, 4 layers x 128, batch 8 x 64; 12 cells, ~6 min on 2 cores
+    python benchmarks/overhead.py --quick     # every in {1, 10} and fewer steps: a smoke run (~1 min)
+    python benchmarks/overhead.py --png FILE  # also draw the table as a picture (the README shows it)
+
+For each preset (light, standard, paper) and each ``every`` (1, 10, 50, 200) it trains the same model twice from the
+same seed with the real ``transformers.Trainer``, without and with ``LayerWatchCallback(every=..., metrics=preset)``
+(``log_spaced_start=False``, so probes fall at multiples of ``every`` plus the final step), and prints:
+
+- measured slowdown: (wall time with layerwatch) / (wall time without) - 1, the training loop only (``trainer.train()``);
+- predicted slowdown: probes x the cost model's seconds per probe (``estimate_probe_cost``: forwards + metrics)
+  / the measured wall time of the same steps without layerwatch (a user knows their step time; the cost model
+  is about the probe);
+- their ratio (the target: within 30% in every cell on an idle machine).
+
+Baselines run right before their cells, and each figure is the median of ``--repeats`` runs, so that a busy machine
+skews both sides alike. The probe count is read from the run (the final probe included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+PRESETS = ("light", "standard", "paper")
+EVERY = (1, 10, 50, 200)
+PROBES_PER_CELL = 3  # steps = every x PROBES_PER_CELL (at least MIN_STEPS)
+MIN_STEPS = 30
+
+
+def _shapes(args: argparse.Namespace) -> dict:
+    return dict(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch, vocab=512, prompts=args.prompts)
+
+
+def _model(shape: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["seq"], n_embd=shape["width"],
+                        n_layer=shape["layers"], n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, rows: int, shape: dict) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, shape["vocab"], (rows, shape["seq"]), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+def _probe(shape: dict):
+    import layerwatch
+
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, shape["vocab"], (shape["prompts"], shape["seq"] // 2), generator=generator)
+    return layerwatch.Probe.from_tensors(ids, vocab_size=shape["vocab"])  # views insert tokens: fits seq
+
+
+def train_seconds(shape: dict, steps: int, preset: str | None, every: int, out: str) -> tuple[float, int]:
+    """Wall time of ``trainer.train()``, and the number of probes it made (0 without layerwatch)."""
+    from transformers import Trainer, TrainingArguments
+
+    import layerwatch
+    from layerwatch.integrations.hf_trainer import LayerWatchCallback
+
+    arguments = TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=shape["batch"], learning_rate=1e-3,
+        report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=True, seed=0,
+        dataloader_num_workers=0,
+    )
+    callbacks = []
+    if preset is not None:
+        callbacks.append(LayerWatchCallback(probe=_probe(shape), every=every, metrics=preset, log_spaced_start=False,
+                                            logdir=os.path.join(out, "layerwatch")))
+    trainer = Trainer(model=_model(shape), args=arguments, train_dataset=RandomTokens(steps * shape["batch"], shape),
+                      callbacks=callbacks)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    probes = len(layerwatch.read_run(os.path.join(out, "layerwatch")).steps) if preset else 0
+    return seconds, probes
+
+
+def predicted_slowdown(shape: dict, preset: str, probes: int, steps: int, base_seconds: float) -> float:
+    """probes x the cost model's seconds per probe / the measured time of the steps without layerwatch."""
+    from layerwatch.metrics import registry
+    from layerwatch.monitor import cost
+
+    _, metric_names, lidar_views = registry.resolve_metrics(preset)
+    set_level = [name for name in metric_names if registry.REGISTRY[name].needs != (registry.TOKENS,)]
+    probe = cost.estimate_probe_cost(
+        layers=shape["layers"] + 1, width=shape["width"], tokens=shape["seq"] // 2, prompts=shape["prompts"],
+        parameters=sum(p.numel() for p in _model(shape).parameters()), views=lidar_views or 0,
+        metric_names=set_level, cores=torch.get_num_threads(),
+    )
+    return probes * (probe.forward_seconds + probe.metric_seconds) / base_seconds
+
+
+def _median_run(repeats: int, *args) -> tuple[float, int]:
+    results = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            results.append(train_seconds(*args, out))
+    return statistics.median(r[0] for r in results), results[0][1]
+
+
+def measure(shape: dict, presets, everys, repeats: int, min_steps: int = MIN_STEPS, per_cell: int = PROBES_PER_CELL) -> list[dict]:
+    rows = []
+    for every in everys:
+        steps = max(min_steps, every * per_cell)
+        base, _ = _median_run(repeats, shape, steps, None, every)
+        for preset in presets:
+            seconds, probes = _median_run(repeats, shape, steps, preset, every)
+            measured = seconds / base - 1
+            predicted = predicted_slowdown(shape, preset, probes, steps, base)
+            rows.append(dict(preset=preset, every=every, steps=steps, probes=probes, base=base, seconds=seconds,
+                             measured=measured, predicted=predicted, ratio=predicted / measured if measured > 0 else float("nan")))
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = f"{'preset':>9} {'every':>6} {'steps':>6} {'probes':>6} {'base s':>8} {'with s':>8} {'measured':>9} {'predicted':>10} {'pred/meas':>9}"
+
+
+def _row(r: dict) -> str:
+    return (f"{r['preset']:>9} {r['every']:>6} {r['steps']:>6} {r['probes']:>6} {r['base']:>8.2f} {r['seconds']:>8.2f} "
+            f"{r['measured']:>9.1%} {r['predicted']:>10.1%} {r['ratio']:>9.2f}")
+
+
+def draw(rows: list[dict], shape: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = sorted({r["preset"] for r in rows}, key=PRESETS.index)
+    everys = sorted({r["every"] for r in rows})
+    cell = {(r["preset"], r["every"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(everys), 1.2 + 0.75 * len(presets)))
+    ax.axis("off")
+    text = [[f"{cell[p, e]['measured']:.1%}\n(model {cell[p, e]['predicted']:.1%})" for e in everys] for p in presets]
+    table = ax.table(cellText=text, rowLabels=presets, colLabels=[f"every={e}" for e in everys], loc="center",
+                     cellLoc="center")
+    table.scale(1, 2.4)
+    table.set_fontsize(11)
+    ax.set_title(f"layerwatch's slowdown of a Trainer run on CPU ({torch.get_num_threads()} threads): measured (cost model)\n"
+                 f"GPT-2 {shape['layers']} layers x {shape['width']}, batch {shape['batch']} x {shape['seq']}, "
+                 f"probe {shape['prompts']} prompts x {shape['seq'] // 2}", fontsize=10)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every in {1, 10}, one repeat, 6 or 20 steps: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per figure (median); default 3, 1 with --quick")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--png", default=None, help="also draw the table as a PNG picture")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    repeats = args.repeats or (1 if args.quick else 3)
+    everys = (1, 10) if args.quick else EVERY
+    shape = _shapes(args)
+    print(f"Trainer on CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; model GPT-2 {shape['layers']} "
+          f"layers x {shape['width']}, batch {shape['batch']} x {shape['seq']} tokens; probe {shape['prompts']} prompts "
+          f"x {shape['seq'] // 2} tokens; medians of {repeats} run(s)")
+    print(HEADER)
+    rows = measure(shape, PRESETS, everys, repeats, *((6, 2) if args.quick else ()))
+    off = [r for r in rows if not (0.7 <= r["ratio"] <= 1.3)]
+    print(f"cost model within 30% of the measurement in {len(rows) - len(off)} of {len(rows)} cells")
+    if args.png:
+        draw(rows, shape, args.png)
+        print(f"picture: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
