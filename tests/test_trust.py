@@ -636,3 +636,6 @@ def test_crafted_jsonl_lines_are_skipped_not_a_traceback(tmp_path, capsys):
     parser = __import__("argparse").ArgumentParser()
     report.add_arguments(parser)
     assert report.main(parser.parse_args([str(run_dir)])) == 0
+
+# Trainer runs, subprocesses and real disk faults: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

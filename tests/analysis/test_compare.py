@@ -161,3 +161,6 @@ def test_a_planted_comparison_link_is_replaced_not_followed(tmp_path):
     out.symlink_to(victim)
     compare.make_comparison([a, b], out=out, metrics=["rms"])
     assert victim.read_text() == "precious" and not out.is_symlink() and out.read_text().startswith("<!DOCTYPE")
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -153,3 +153,6 @@ def test_repetition_lowers_prompt_entropy_on_a_trained_model(trained_model):
         [layer_entropy(model, with_repeats(clean, f, uniform, repeated), PATTERN_VOCAB) for f in FRACTIONS]
     )
     assert_monotone(values, decreasing=True, label="trained GPT-NeoX")
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -299,3 +299,6 @@ def test_report_metrics_flag_takes_a_preset_and_rejects_empty(tmp_path, capsys):
     assert run_cli(run_dir, "--metrics", ",") == 2
     err = capsys.readouterr().err
     assert "--metrics" in err and len(err.strip().splitlines()) == 1
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

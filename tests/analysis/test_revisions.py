@@ -228,3 +228,6 @@ def test_revisions_split_in_two_shards_equal_one_process(hub, tmp_path):
     for metric in one.metrics:
         np.testing.assert_allclose(split.metric(metric), one.metric(metric), rtol=1e-6, atol=1e-6, err_msg=metric)
     assert np.isfinite(split.metric("cka_to_previous")[2]).all()
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -366,3 +366,6 @@ def test_through_the_layerwatch_command(trained, tmp_path, capsys):
     assert read_run(out).steps.tolist() == [6]
     assert layerwatch_main(["report", str(out)]) == 0
     assert (out / "report.html").is_file()
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

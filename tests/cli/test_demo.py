@@ -90,3 +90,6 @@ def test_demo_rejects_non_positive_numbers(flag, capsys):
     demo.add_arguments(parser)
     assert demo.main(parser.parse_args([flag, "0"])) == 2
     assert flag in capsys.readouterr().err
+
+# Checkpoints, subprocesses and full HTML reports: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow

@@ -179,6 +179,7 @@ def test_references_of_another_probe_give_nan_with_a_reason(tmp_path):
     assert float(linear_cka(pooled, refs["first"]).min()) == pytest.approx(1.0)  # restarts from this probe
 
 
+@pytest.mark.slow
 def test_report_marks_the_best_layer_and_explains_sinks_and_cka(tmp_path):
     from layerwatch.analysis.report import make_report
 
@@ -198,6 +199,7 @@ def test_report_marks_the_best_layer_and_explains_sinks_and_cka(tmp_path):
     assert report.images["heatmap_probe_accuracy"].is_file()
 
 
+@pytest.mark.slow
 def test_labeled_probe_example_writes_best_layer(tmp_path):
     from tests.test_examples import run_script
 

@@ -130,6 +130,7 @@ def test_facts_are_resolved_once_on_the_trainer_start_up_path(tmp_path, monkeypa
     assert layerwatch.read_run(tmp_path / "run").steps.tolist() == [1, 2]
 
 
+@pytest.mark.slow
 def test_facts_are_resolved_once_on_the_accelerate_start_up_path(tmp_path, monkeypatch):
     from accelerate import Accelerator
 

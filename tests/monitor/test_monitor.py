@@ -81,6 +81,7 @@ def test_metrics_equal_a_direct_computation_on_the_hidden_states(tmp_path):
     np.testing.assert_allclose(record.metrics["dataset_entropy"], M.dataset_entropy(pooled).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
     model = tiny_model("gpt2")
     watch = LayerWatch(make_probe(), logdir=tmp_path, every=2, metrics="standard", batch_size=8)
@@ -136,6 +137,7 @@ def test_tensorboard_and_jsonl_are_written_and_read_back(tmp_path):
     assert set(charts) == set(run.metrics)
 
 
+@pytest.mark.slow
 def test_read_run_survives_a_truncated_last_line(tmp_path):
     model = tiny_model("gpt2")
     with LayerWatch(make_probe(), logdir=tmp_path, metrics="light") as watch:
@@ -183,6 +185,7 @@ def test_read_run_reads_the_per_layer_tensorboard_layout_without_jsonl(tmp_path)
         np.testing.assert_allclose(from_events.metric(name), from_jsonl.metric(name), rtol=1e-6, equal_nan=True)
 
 
+@pytest.mark.slow
 def test_resume_drops_records_after_the_checkpoint(tmp_path):
     model = tiny_model("gpt2")
     with LayerWatch(make_probe(), logdir=tmp_path, every=1, metrics="light") as watch:
@@ -393,6 +396,7 @@ def test_non_finite_activations_give_nan_metrics_and_an_alert(tmp_path, caplog):
     assert any("nonfinite" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_collapse_alerts_fire_once_per_condition(tmp_path):
     model = tiny_model("gpt2")
     watch = LayerWatch(make_probe(), logdir=tmp_path, metrics="light", collapse_threshold=2.0)
@@ -484,5 +488,6 @@ def _train(with_watch, tmp_path):
     return losses
 
 
+@pytest.mark.slow
 def test_training_losses_are_bit_identical_with_and_without_probes(tmp_path):
     assert _train(False, tmp_path / "a") == _train(True, tmp_path / "b")

@@ -217,6 +217,7 @@ def test_a_record_over_the_cap_is_written_without_its_per_prompt_values(tmp_path
     assert records[0].metrics == big.metrics and "per-prompt values" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_non_utf8_byte_skips_only_its_line_training_starts_and_report_draws(tmp_path, caplog):
     run = tmp_path / "run"
     model = tiny_model("gpt2")

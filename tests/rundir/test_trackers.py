@@ -148,3 +148,6 @@ def test_no_tracker_writers_without_an_active_run_or_report_to():
     mlflow = pytest.importorskip("mlflow")
     assert mlflow.active_run() is None
     assert tracker_writers(["mlflow"]) == []  # named, but no run was started: nothing to follow
+
+# Trainer runs, subprocesses and real disk faults: out of the quick loop (`-m "not slow"`).
+pytestmark = pytest.mark.slow
