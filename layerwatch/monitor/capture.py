@@ -186,12 +186,19 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def forward_options(model: nn.Module) -> dict[str, Any]:
-    """Keyword arguments that keep a probe forward cheap, passed only where the model's forward accepts them."""
+def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters of the (unwrapped) model's ``forward``; ``None`` when its signature cannot be read."""
     target = find_pretrained(model) or unwrap(model)
     try:
-        parameters = inspect.signature(target.forward).parameters
+        return inspect.signature(target.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
+        return None
+
+
+def forward_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments that keep a probe forward cheap, passed only where the model's forward accepts them."""
+    parameters = _forward_parameters(model)
+    if parameters is None:  # pragma: no cover
         return {}
     options: dict[str, Any] = {}
     if "use_cache" in parameters:
@@ -206,20 +213,16 @@ def forward_options(model: nn.Module) -> dict[str, Any]:
 
 
 def accepts_attention_mask(model: nn.Module) -> bool:
-    target = find_pretrained(model) or unwrap(model)
-    try:
-        parameters = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
+    parameters = _forward_parameters(model)
+    if parameters is None:  # pragma: no cover
         return True
     return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def _positional_input(model: nn.Module) -> bool:
+def positional_input(model: nn.Module) -> bool:
     """Whether the probe's ids go in as the forward's first positional argument (no ``input_ids`` parameter)."""
-    target = find_pretrained(model) or unwrap(model)
-    try:
-        parameters = inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
+    parameters = _forward_parameters(model)
+    if parameters is None:  # pragma: no cover
         return False
     if "input_ids" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return False
@@ -244,17 +247,21 @@ class ForwardInputs:
     adapter: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, options: Mapping[str, Any], pass_mask: bool, adapter: Any = None) -> "ForwardInputs":
+    def for_model(
+        cls, options: Mapping[str, Any], pass_mask: bool, positional: bool, adapter: Any = None
+    ) -> "ForwardInputs":
+        """From a model's facts (:class:`~layerwatch.monitor.model_facts.ModelFacts`: its forward's options, whether
+        it takes ``attention_mask``, whether the ids go in positionally) and the user's adapter, if any."""
         if adapter is not None and not callable(adapter):
             raise TypeError(
                 f"forward_inputs must be a callable(input_ids, attention_mask) returning the forward's keyword "
                 f"arguments (a dict) or positional arguments (a tuple), got {type(adapter).__name__}"
             )
-        if adapter is not None or not _positional_input(model):
+        if adapter is not None or not positional:
             return cls(dict(options), pass_mask, False, adapter)
-        target = find_pretrained(model) or unwrap(model)
-        takes_mask = "attention_mask" in inspect.signature(target.forward).parameters
-        return cls({}, takes_mask, True, None)
+        # A positional forward has no **kwargs (else the ids would go in as input_ids=), so pass_mask is exactly
+        # whether it names attention_mask; the cheap-forward options are keywords it may not take.
+        return cls({}, pass_mask, True, None)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.adapter is not None:

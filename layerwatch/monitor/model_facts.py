@@ -25,6 +25,7 @@ from torch import nn
 
 from layerwatch.monitor.capture import (
     accepts_attention_mask,
+    positional_input,
     find_blocks,
     find_pretrained,
     forward_options,
@@ -48,6 +49,8 @@ class ModelFacts:
     Attributes:
         forward_options: keyword arguments that keep a probe forward cheap (``use_cache=False``, ...).
         accepts_attention_mask: whether ``forward`` takes ``attention_mask``.
+        positional_input: whether the probe's ids go in as ``forward``'s first positional argument (a forward with
+            no ``input_ids`` parameter, e.g. nanoGPT's ``forward(idx)``).
         max_positions: the longest sequence it takes (``None``: unbounded).
         vocab_size: ``config.vocab_size``, else the rows of the input embedding (``None``: unknown).
         width: the hidden size (``config.hidden_size``/``n_embd``/``d_model``, else the input embedding's width;
@@ -64,6 +67,7 @@ class ModelFacts:
     width: int | None = None
     parameters: int = 0
     pad_token_id: int | None = None
+    positional_input: bool = False
     _blocks: dict[Hashable, tuple[nn.Module, ...]] = field(default_factory=dict, repr=False)
     _paths: dict[Hashable, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
@@ -154,6 +158,7 @@ def model_facts(model: nn.Module) -> ModelFacts:
             width=_width(model, config),
             parameters=sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
             pad_token_id=pad if isinstance(pad, int) and 0 <= pad < (vocab_size or pad + 1) else None,
+            positional_input=positional_input(model),
         )
     return facts
 

@@ -449,7 +449,9 @@ class LayerWatch:
             blocks = facts.blocks(self.layers)
             self._validate(model, facts)
             collector = Collector(self.metric_names, self.probe, layers=len(blocks) + 1, views=self.num_views, alpha=self.alpha)
-            inputs = ForwardInputs.for_model(model, facts.forward_options, facts.accepts_attention_mask, self.forward_inputs)
+            inputs = ForwardInputs.for_model(
+                facts.forward_options, facts.accepts_attention_mask, facts.positional_input, self.forward_inputs
+            )
         except Exception as error:
             refusal = error
         sizing = (self.metric_names, self.num_views, self.batch_size)
