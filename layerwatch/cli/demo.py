@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from layerwatch.analysis.summary import summary_table
+from layerwatch.cli.options import run_alone
 from layerwatch.rundir.claim import WriterClaim
 from layerwatch.rundir.files import PROBE_FILENAME
 
@@ -394,11 +395,5 @@ def _prepare_output_dir(out: Path, *, overwrite: bool) -> bool:
     return True
 
 
-def _standalone() -> int:  # pragma: no cover - `python -m layerwatch.cli.demo`
-    parser = argparse.ArgumentParser(prog="layerwatch demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_standalone())
+if __name__ == "__main__":  # pragma: no cover - `python -m layerwatch.cli.demo`
+    raise SystemExit(run_alone("layerwatch demo", add_arguments, main, description=__doc__.splitlines()[0]))

@@ -49,6 +49,19 @@ def exit_code(prog: str, error: BaseException) -> int:
     return 2
 
 
+def run_alone(
+    prog: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    main: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+) -> int:
+    """Run one front end without the ``layerwatch`` dispatcher (``python -m layerwatch.cli.<subcommand> ...``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
 def front_end(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Decorate a front end's ``main(args) -> int`` so that a :class:`FlagError` exits 2 with one line."""
 

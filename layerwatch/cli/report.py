@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
 from layerwatch.analysis import compare, report
 from layerwatch.analysis.html import ReportError
@@ -68,12 +67,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def standalone(argv: Sequence[str] | None = None) -> int:
-    """``python -m layerwatch.cli.report RUN_DIR``."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(standalone())
+    sys.exit(options.run_alone(PROG, add_arguments, main))

@@ -369,12 +369,5 @@ def main(args: argparse.Namespace) -> int:
         return 130
 
 
-def standalone(argv: Sequence[str] | None = None) -> int:
-    """``python -m layerwatch.cli.trajectory ...``: the subcommand without the ``layerwatch`` dispatcher."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(standalone())
+    sys.exit(options.run_alone(PROG, add_arguments, main))
