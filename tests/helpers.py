@@ -206,3 +206,13 @@ def tiny_trainer(out, callbacks=(), *, train_dataset, model=None, eval_dataset=N
         callbacks=list(callbacks),
         **extra,
     )
+
+
+def numpy_prompt_entropy(tokens: np.ndarray) -> float:
+    """Normalized von Neumann entropy of one prompt's [N, D] tokens, straight from the definition (float64)."""
+    z = tokens - tokens.mean(0)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    eig = np.linalg.eigvalsh(z @ z.T)
+    eig = eig[eig > 1e-12 * eig.max()]
+    p = eig / eig.sum()
+    return float(-(p * np.log(p)).sum() / math.log(min(len(tokens), tokens.shape[1])))

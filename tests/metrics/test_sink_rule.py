@@ -4,24 +4,14 @@ without exactly the injected tokens; where nothing stands out it equals prompt_e
 
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
+from helpers import numpy_prompt_entropy as numpy_entropy
 from models import TINY_VOCAB, tiny_model
 
 from layerwatch.metrics import SINK_GAP, SINK_NORM_RATIO, prompt_entropy, prompt_entropy_without_sinks, sink_tokens
 
-
-def numpy_entropy(tokens: np.ndarray) -> float:
-    """Normalized von Neumann entropy of one prompt's [N, D] tokens, from the definition."""
-    z = tokens - tokens.mean(0)
-    z = z / np.linalg.norm(z, axis=1, keepdims=True)
-    eig = np.linalg.eigvalsh(z @ z.T)
-    eig = eig[eig > 1e-12 * eig.max()]
-    p = eig / eig.sum()
-    return float(-(p * np.log(p)).sum() / math.log(min(len(tokens), tokens.shape[1])))
 
 
 def prompts(b=12, t=20, d=32, seed=0):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import numpy_prompt_entropy
 from models import TINY_VOCAB, block_hidden, tiny_model
 
 from layerwatch import LayerWatch, Probe, read_run
@@ -17,15 +18,6 @@ from layerwatch.metrics import names, registry
 from layerwatch.metrics.registry import SetInputs, standard_errors
 from layerwatch.rundir.runs import _from_event_files
 
-
-def numpy_prompt_entropy(tokens: np.ndarray) -> float:
-    """Normalized von Neumann entropy of one prompt's [N, D] tokens, straight from the definition (float64)."""
-    z = tokens - tokens.mean(0)
-    z = z / np.linalg.norm(z, axis=1, keepdims=True)
-    eig = np.linalg.eigvalsh(z @ z.T)
-    eig = eig[eig > 1e-12 * eig.max()]
-    p = eig / eig.sum()
-    return float(-(p * np.log(p)).sum() / math.log(min(len(tokens), tokens.shape[1])))
 
 
 def brute_jackknife(values_of, m: int, seed: int, groups: int = 8) -> np.ndarray:
