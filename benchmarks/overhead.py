@@ -9,9 +9,10 @@ same seed with the real ``transformers.Trainer``, without and with ``LayerWatchC
 (``log_spaced_start=False``, so probes fall at multiples of ``every`` plus the final step), and prints:
 
 - measured slowdown: (wall time with layerwatch) / (wall time without) - 1, the training loop only (``trainer.train()``);
-- predicted slowdown: probes x the cost model's seconds per probe (``estimate_probe_cost``: forwards + metrics)
-  / the measured wall time of the same steps without layerwatch (a user knows their step time; the cost model
-  is about the probe);
+- predicted slowdown: the cost model's seconds for the run (``layerwatch.monitor.cost.estimate_run_overhead``: the
+  probes' forwards and metrics, writing their records, drawing the TensorBoard pictures, and the start) / the
+  measured wall time of the same steps without layerwatch (a user knows their step time; the cost model is about
+  what layerwatch adds);
 - their ratio (the target: within 30% in every cell on an idle machine).
 
 Baselines run right before their cells, and each figure is the median of ``--repeats`` runs, so that a busy machine
@@ -21,6 +22,7 @@ skews both sides alike. The probe count is read from the run (the final probe in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -68,8 +70,9 @@ def _probe(shape: dict):
     return layerwatch.Probe.from_tensors(ids, vocab_size=shape["vocab"])  # views insert tokens: fits seq
 
 
-def train_seconds(shape: dict, steps: int, preset: str | None, every: int, out: str) -> tuple[float, int]:
-    """Wall time of ``trainer.train()``, and the number of probes it made (0 without layerwatch)."""
+def train_seconds(shape: dict, steps: int, preset: str | None, every: int, out: str) -> tuple[float, int, float]:
+    """Wall time of ``trainer.train()``, the number of probes it made and their own seconds (forwards and metrics,
+    ``read_run(...).scalar("probe_seconds")``; 0 without layerwatch)."""
     from transformers import Trainer, TrainingArguments
 
     import layerwatch
@@ -89,57 +92,78 @@ def train_seconds(shape: dict, steps: int, preset: str | None, every: int, out: 
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    probes = len(layerwatch.read_run(os.path.join(out, "layerwatch")).steps) if preset else 0
-    return seconds, probes
+    if preset is None:
+        return seconds, 0, 0.0
+    run = layerwatch.read_run(os.path.join(out, "layerwatch"))
+    return seconds, len(run.steps), float(run.scalar("probe_seconds").sum())
 
 
-def predicted_slowdown(shape: dict, preset: str, probes: int, steps: int, base_seconds: float) -> float:
-    """probes x the cost model's seconds per probe / the measured time of the steps without layerwatch."""
+def predicted_overhead(shape: dict, preset: str, probes: int, threads: int):
+    """The cost model's seconds for the cell: ``estimate_run_overhead`` (probes, records, pictures, start)."""
     from layerwatch.metrics import registry
     from layerwatch.monitor import cost
 
     _, metric_names, lidar_views = registry.resolve_metrics(preset)
     set_level = [name for name in metric_names if registry.REGISTRY[name].needs != (registry.TOKENS,)]
+    layers = shape["layers"] + 1
     probe = cost.estimate_probe_cost(
-        layers=shape["layers"] + 1, width=shape["width"], tokens=shape["seq"] // 2, prompts=shape["prompts"],
+        layers=layers, width=shape["width"], tokens=shape["seq"] // 2, prompts=shape["prompts"],
         parameters=sum(p.numel() for p in _model(shape).parameters()), views=lidar_views or 0,
-        metric_names=set_level, cores=torch.get_num_threads(),
+        metric_names=set_level, cores=threads,
     )
-    return probes * (probe.forward_seconds + probe.metric_seconds) / base_seconds
-
-
-def _median_run(repeats: int, *args) -> tuple[float, int]:
-    results = []
-    for _ in range(repeats):
-        with tempfile.TemporaryDirectory() as out:
-            results.append(train_seconds(*args, out))
-    return statistics.median(r[0] for r in results), results[0][1]
+    scalars = set(registry.scalar_metrics())
+    return cost.estimate_run_overhead(
+        probe, probes=probes, layers=layers, series=sum(name not in scalars for name in metric_names),
+        histograms=len(set(metric_names) & set(registry.histogram_metrics())),
+    )
 
 
 def measure(shape: dict, presets, everys, repeats: int, min_steps: int = MIN_STEPS, per_cell: int = PROBES_PER_CELL) -> list[dict]:
+    """Per ``every``: ``repeats`` rounds of one run without layerwatch and one per preset, interleaved, so that a
+    machine that slows down or speeds up during the benchmark moves both sides alike; medians per cell."""
     rows = []
     for every in everys:
         steps = max(min_steps, every * per_cell)
-        base, _ = _median_run(repeats, shape, steps, None, every)
+        runs: dict[str | None, list[tuple[float, int, float]]] = {None: [], **{preset: [] for preset in presets}}
+        for _ in range(repeats):
+            for preset in runs:
+                with tempfile.TemporaryDirectory() as out:
+                    runs[preset].append(train_seconds(shape, steps, preset, every, out))
+        base = statistics.median(seconds for seconds, _, _ in runs[None])
         for preset in presets:
-            seconds, probes = _median_run(repeats, shape, steps, preset, every)
-            measured = seconds / base - 1
-            predicted = predicted_slowdown(shape, preset, probes, steps, base)
-            rows.append(dict(preset=preset, every=every, steps=steps, probes=probes, base=base, seconds=seconds,
-                             measured=measured, predicted=predicted, ratio=predicted / measured if measured > 0 else float("nan")))
-            print(_row(rows[-1]), flush=True)
+            seconds = statistics.median(r[0] for r in runs[preset])
+            probe_seconds = statistics.median(r[2] for r in runs[preset])
+            rows.append(dict(preset=preset, every=every, steps=steps, probes=runs[preset][0][1], base=base,
+                             seconds=seconds, probe_seconds=probe_seconds))
+            print(_row(predict(shape, rows[-1], torch.get_num_threads())), flush=True)
     return rows
 
 
-HEADER = f"{'preset':>9} {'every':>6} {'steps':>6} {'probes':>6} {'base s':>8} {'with s':>8} {'measured':>9} {'predicted':>10} {'pred/meas':>9}"
+def predict(shape: dict, row: dict, threads: int) -> dict:
+    """The measured cell with the cost model's prediction beside it (recomputed from the measurement alone)."""
+    estimate = predicted_overhead(shape, row["preset"], row["probes"], threads)
+    measured = row["seconds"] / row["base"] - 1
+    predicted = estimate.slowdown(row["base"])
+    return dict(row, measured=measured, predicted=predicted, parts=estimate.parts,
+                ratio=predicted / measured if measured > 0 else float("nan"))
+
+
+HEADER = (f"{'preset':>9} {'every':>6} {'steps':>6} {'probes':>6} {'base s':>8} {'with s':>8} {'measured':>9} "
+          f"{'predicted':>10} {'pred/meas':>9} | {'extra s':>8} {'probes s':>8} | model s: {'probes':>7} {'records':>7} "
+          f"{'pictures':>8} {'start':>6}")
 
 
 def _row(r: dict) -> str:
+    """One cell; after the bar, the measured extra seconds and the probes' own (their records' probe_seconds),
+    then the cost model's parts."""
+    parts = r["parts"]
     return (f"{r['preset']:>9} {r['every']:>6} {r['steps']:>6} {r['probes']:>6} {r['base']:>8.2f} {r['seconds']:>8.2f} "
-            f"{r['measured']:>9.1%} {r['predicted']:>10.1%} {r['ratio']:>9.2f}")
+            f"{r['measured']:>9.1%} {r['predicted']:>10.1%} {r['ratio']:>9.2f} | {r['seconds'] - r['base']:>8.2f} "
+            f"{r['probe_seconds']:>8.2f} |          {parts['probes']:>7.2f} {parts['records']:>7.2f} "
+            f"{parts['pictures']:>8.2f} {parts['start']:>6.2f}")
 
 
-def draw(rows: list[dict], shape: dict, path: str) -> None:
+def draw(rows: list[dict], shape: dict, threads: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +179,7 @@ def draw(rows: list[dict], shape: dict, path: str) -> None:
                      cellLoc="center")
     table.scale(1, 2.4)
     table.set_fontsize(11)
-    ax.set_title(f"layerwatch's slowdown of a Trainer run on CPU ({torch.get_num_threads()} threads): measured (cost model)\n"
+    ax.set_title(f"layerwatch's slowdown of a Trainer run on CPU ({threads} threads): measured (cost model)\n"
                  f"GPT-2 {shape['layers']} layers x {shape['width']}, batch {shape['batch']} x {shape['seq']}, "
                  f"probe {shape['prompts']} prompts x {shape['seq'] // 2}", fontsize=10)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -165,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every in {1, 10}, one repeat, 6 or 20 steps: a smoke run")
     parser.add_argument("--repeats", type=int, default=None, help="runs per figure (median); default 3, 1 with --quick")
+    parser.add_argument("--every", default=None, help="comma-separated intervals instead of 1,10,50,200 (1,10 with --quick)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--seq", type=int, default=64)
@@ -172,22 +197,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--png", default=None, help="also draw the table as a PNG picture")
+    parser.add_argument("--save", default=None, help="write the measurements (shape and cells) to this JSON file")
+    parser.add_argument("--replay", default=None,
+                        help="no training: print (and draw) a --save file's measurements beside the current cost model")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     repeats = args.repeats or (1 if args.quick else 3)
-    everys = (1, 10) if args.quick else EVERY
-    shape = _shapes(args)
-    print(f"Trainer on CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; model GPT-2 {shape['layers']} "
+    everys = tuple(int(e) for e in args.every.split(",")) if args.every else (1, 10) if args.quick else EVERY
+    shape, threads = _shapes(args), torch.get_num_threads()
+    if args.replay:
+        with open(args.replay) as handle:
+            saved = json.load(handle)
+        shape, threads, repeats = saved["shape"], saved["threads"], saved["repeats"]
+    print(f"Trainer on CPU, {threads} threads, torch {torch.__version__}; model GPT-2 {shape['layers']} "
           f"layers x {shape['width']}, batch {shape['batch']} x {shape['seq']} tokens; probe {shape['prompts']} prompts "
-          f"x {shape['seq'] // 2} tokens; medians of {repeats} run(s)")
+          f"x {shape['seq'] // 2} tokens; medians of {repeats} interleaved run(s)")
     print(HEADER)
-    rows = measure(shape, PRESETS, everys, repeats, *((6, 2) if args.quick else ()))
+    if args.replay:
+        measured = saved["cells"]
+        for cell in measured:
+            print(_row(predict(shape, cell, threads)))
+    else:
+        measured = measure(shape, PRESETS, everys, repeats, *((6, 2) if args.quick else ()))
+    if args.save:
+        with open(args.save, "w") as handle:
+            json.dump(dict(shape=shape, threads=threads, repeats=repeats, cells=measured), handle, indent=1)
+    rows = [predict(shape, cell, threads) for cell in measured]
     off = [r for r in rows if not (0.7 <= r["ratio"] <= 1.3)]
     print(f"cost model within 30% of the measurement in {len(rows) - len(off)} of {len(rows)} cells")
     if args.png:
-        draw(rows, shape, args.png)
+        draw(rows, shape, threads, args.png)
         print(f"picture: {args.png}")
     return 0
 

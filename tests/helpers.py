@@ -4,7 +4,8 @@ worker scripts put tests/ on sys.path), like the tiny models of tests/models.py.
 - ``random_probe``: a tiny random probe (optionally padded, left or right);
 - ``char_tokenizer``: a character-level fast tokenizer built offline;
 - ``write_run``: a hand-written run directory in the JSONL format (no model), and ``run_report_cli``;
-- ``monitored_run``: a real run directory written by ``LayerWatch`` on a tiny model.
+- ``monitored_run``: a real run directory written by ``LayerWatch`` on a tiny model;
+- ``run_script``: an example script of examples/ run as a user runs it (a subprocess), failing with its output.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import string
+import subprocess
+import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -216,3 +221,22 @@ def numpy_prompt_entropy(tokens: np.ndarray) -> float:
     eig = eig[eig > 1e-12 * eig.max()]
     p = eig / eig.sum()
     return float(-(p * np.log(p)).sum() / math.log(min(len(tokens), tokens.shape[1])))
+
+
+# ------------------------------------------------------------------------------------------------------------ examples
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    # Our own model configs cause no transformers warnings (special tokens outside the vocabulary or differing from
+    # the tokenizer's, loss_type); transformers 5 prefixes its warnings with "[transformers]".
+    for noise in ("[transformers]", "bos_token_id", "eos_token_id", "loss_type"):
+        assert noise not in result.stderr, f"{name}: {noise!r} warning in stderr:\n{result.stderr[-3000:]}"
+    return result

@@ -49,17 +49,27 @@ def test_picture_cost_prints_its_table_with_the_training_thread_share():
         assert rows[row].endswith(" ms") and float(rows[row].split()[0]) >= 0
 
 
-def test_overhead_prints_a_measured_and_a_predicted_slowdown_per_cell():
+def test_overhead_prints_a_measured_and_a_predicted_slowdown_per_cell(tmp_path):
     script = os.path.join(REPO, "benchmarks", "overhead.py")
-    result = subprocess.run([sys.executable, script, "--quick", "--layers", "2", "--prompts", "8", "--threads", "1"],
+    saved = tmp_path / "cells.json"
+    result = subprocess.run([sys.executable, script, "--quick", "--every", "10", "--layers", "2", "--prompts", "8",
+                             "--threads", "1", "--save", str(saved)],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["light"], ["standard"], ["paper"])]
-    assert [(r[0], int(r[1])) for r in rows] == [(p, e) for e in (1, 10) for p in ("light", "standard", "paper")]
+    assert [(r[0], int(r[1])) for r in rows] == [(p, 10) for p in ("light", "standard", "paper")]
     for row in rows:
         probes, measured, predicted = int(row[3]), float(row[6].rstrip("%")), float(row[7].rstrip("%"))
-        assert probes >= 2 and predicted > 0 and measured > -50  # a probe every step costs something
+        assert probes >= 2 and predicted > 0 and measured > -50  # probes at steps 10 and 20 cost something
+        extra, model = float(row[10]), sum(float(x) for x in row[13:17])  # the model's parts add up to its prediction
+        assert model / float(row[4]) == pytest.approx(predicted / 100, rel=0.02, abs=2e-4)
+        assert extra == pytest.approx(float(row[5]) - float(row[4]), abs=0.02)
     assert "cost model within 30% of the measurement in" in result.stdout
+    # --replay: the same cells beside the current model, without training
+    replay = subprocess.run([sys.executable, script, "--replay", str(saved)], capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    replayed = [line.split() for line in replay.stdout.splitlines() if line.split()[:1] in (["light"], ["standard"], ["paper"])]
+    assert [r[:10] for r in replayed] == [r[:10] for r in rows]
 
 
 def test_findings_smoke_run_prints_every_finding():

@@ -6,33 +6,16 @@ Training examples take ``--out DIR --steps N``; ``checkpoint_trajectory.py`` ana
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import layerwatch
+from helpers import EXAMPLES, run_script
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TRAINING_EXAMPLES = ("trainer_pretraining.py", "accelerate_loop.py", "plain_pytorch_loop.py")
 PRESENT = [name for name in TRAINING_EXAMPLES if (EXAMPLES / name).is_file()]
 STEPS = 8
-
-
-def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    # Our own model configs cause no transformers warnings (special tokens outside the vocabulary or differing from
-    # the tokenizer's, loss_type); transformers 5 prefixes its warnings with "[transformers]".
-    for noise in ("[transformers]", "bos_token_id", "eos_token_id", "loss_type"):
-        assert noise not in result.stderr, f"{name}: {noise!r} warning in stderr:\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

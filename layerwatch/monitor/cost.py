@@ -11,11 +11,22 @@ The model (README, "What it costs"), per probe:
   Frobenius norm), and a few memory passes over the ``T x D`` states;
 - set-level metrics: ``M x M`` eigenvalue problems per layer (dataset entropy, effective rank, DiME's
   ``1 + permutations`` Hadamard products) and LiDAR's ``min(M·Q, D)``-sized one; their peak memory is
-  :func:`layerwatch.metrics.set_level_peak_bytes`.
+  :func:`layerwatch.metrics.set_level_peak_bytes`;
+- their standard errors: the delete-a-group jackknife recomputes each set-level metric that has one
+  ``G = JACKKNIFE_GROUPS`` times on ``M - M // G`` prompts (:mod:`layerwatch.metrics.uncertainty`), plus a fixed
+  cost per recomputation and layer (``set_call_seconds``).
 
 Rates are per device kind (:data:`RATES`, measured on a 2-core x86 CPU and set conservatively for a recent data
 center GPU, whose eigenvalue path is at worst the host's CPU cores). Estimates are within a factor of about 2 of
 what ``benchmarks/probe_cost.py`` measures; they are meant to tell seconds from hours.
+
+What a whole run pays on top (:func:`estimate_run_overhead`, checked against a real Trainer run by
+``benchmarks/overhead.py``) adds, to the probes themselves, what happens on the host around them: writing each
+record (the JSONL line and its fsync, one TensorBoard scalar per layer and series, the histograms) and drawing the
+TensorBoard pictures, two per per-layer series (a heatmap and a depth profile) at each drawing of the bounded
+schedule (:func:`layerwatch.rundir.pictures.picture_due`) and for the last probe at ``close()``. The pictures are
+drawn on a background thread, but matplotlib holds Python's lock for most of a drawing, so on a CPU-bound run they
+cost the training loop about their full time; at small scale they dominate a probe.
 """
 
 from __future__ import annotations
@@ -28,13 +39,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from layerwatch.metrics import names, set_level_peak_bytes
+from layerwatch.metrics.uncertainty import JACKKNIFE_GROUPS
 from layerwatch.metrics.registry import REGISTRY, TOKENS, VIEWS
 from layerwatch.monitor.capture import model_device
 from layerwatch.monitor.model_facts import ModelFacts, model_facts
+from layerwatch.rundir.pictures import PICTURE_SCHEDULE, picture_due
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeviceRates", "ProbeCost", "RATES", "check_probe_cost", "estimate_probe_cost", "warn_if_expensive"]
+__all__ = [
+    "DeviceRates", "ProbeCost", "RATES", "RunOverhead", "check_probe_cost", "estimate_probe_cost",
+    "estimate_run_overhead", "warn_if_expensive",
+]
 
 #: A probe whose metrics are estimated to take more than this many times its forward passes ...
 WARN_FACTOR = 3.0
@@ -55,6 +71,7 @@ class DeviceRates:
         eigen_cap: the largest rate, in the same units.
         bandwidth: bytes per second of the metrics' elementwise passes.
         call_seconds: fixed cost of one metric call on one layer of one micro-batch (Python, small ops, syncs).
+        set_call_seconds: fixed cost of one set-level metric on one layer (a jackknife replicate included).
         per_core: the CPU rates are per core (multiplied by ``os.cpu_count()``).
     """
 
@@ -64,6 +81,7 @@ class DeviceRates:
     eigen_cap: float
     bandwidth: float
     call_seconds: float
+    set_call_seconds: float = 2e-4
     per_core: bool = False
 
 
@@ -87,8 +105,9 @@ class ProbeCost:
     Attributes:
         forward_seconds: the probe's forward passes (clean batch and augmented views).
         metric_seconds: the metrics layerwatch computes on top of them.
-        parts: seconds of ``"gram"``, ``"eigenvalues"``, ``"passes"`` (token metrics), ``"set_level"`` and
-            ``"calls"`` (fixed cost per metric call on one layer of one micro-batch).
+        parts: seconds of ``"gram"``, ``"eigenvalues"``, ``"passes"`` (token metrics), ``"set_level"``,
+            ``"stderr"`` (the set-level metrics' jackknife replicates) and ``"calls"`` (fixed cost per metric call
+            on one layer of one micro-batch, and per set-level metric and replicate on one layer).
         token_bytes: working memory of the token metrics for one layer of one micro-batch.
         set_level_bytes: peak working memory of the set-level step (:func:`metrics.set_level_peak_bytes`, an
             upper bound: a full chunk of :data:`metrics.SET_CHUNK_BYTES` whenever DiME or InfoNCE run).
@@ -120,7 +139,9 @@ def _rates(device: str, cores: int | None = None) -> DeviceRates:
         return rates
     cores = cores or os.cpu_count() or 1
     values = (rates.forward_flops, rates.gram_flops, rates.eigen_units, rates.eigen_cap, rates.bandwidth)
-    return DeviceRates(*(value * cores for value in values), call_seconds=rates.call_seconds)
+    return DeviceRates(
+        *(value * cores for value in values), call_seconds=rates.call_seconds, set_call_seconds=rates.set_call_seconds
+    )
 
 
 def _eigen_seconds(sizes: Iterable[tuple[int, float]], rates: DeviceRates) -> float:
@@ -148,6 +169,7 @@ def estimate_probe_cost(
     permutations: int = 10,
     device: str = "cpu",
     cores: int | None = None,
+    stderr_groups: int | None = None,
 ) -> ProbeCost:
     """Estimate the time and memory of one probe from its shape (no tensor is allocated).
 
@@ -165,6 +187,8 @@ def estimate_probe_cost(
         permutations: DiME's random permutations.
         device: ``"cpu"``, ``"cuda"`` (or ``"cuda:1"``, ...).
         cores: CPU cores the CPU rates are multiplied by (default: ``os.cpu_count()``).
+        stderr_groups: jackknife replicates of the set-level standard errors (default:
+            :data:`layerwatch.metrics.uncertainty.JACKKNIFE_GROUPS`; 0: none).
     """
     lengths = [int(tokens)] * int(prompts or 0) if isinstance(tokens, int) else [int(n) for n in tokens]
     m, d, blocks = len(lengths), int(width), max(int(layers) - 1, 1)
@@ -182,7 +206,17 @@ def estimate_probe_cost(
         if alpha != 2.0:
             parts["eigenvalues"] = _eigen_seconds([(min(n, d), layers) for n in lengths], rates)
         parts["passes"] = layers * sum(8.0 * n * d * 4 for n in lengths) / rates.bandwidth
-    parts["set_level"] = _eigen_seconds(_set_level_sizes(set(metric_names), m, d, layers, views, permutations), rates)
+    selected = set(metric_names)
+    parts["set_level"] = _eigen_seconds(_set_level_sizes(selected, m, d, layers, views, permutations), rates)
+    parts["calls"] += layers * len(selected) * rates.set_call_seconds
+    groups = min(JACKKNIFE_GROUPS if stderr_groups is None else int(stderr_groups), m)
+    resampled = {name for name in selected if name in REGISTRY and REGISTRY[name].stderr and not REGISTRY[name].scalar}
+    if groups >= 2 and resampled:
+        kept = m - m // groups
+        replicate = _eigen_seconds(_set_level_sizes(resampled, kept, d, layers, views, permutations), rates)
+        parts["stderr"] = groups * (replicate + layers * len(resampled) * rates.set_call_seconds)
+    else:
+        parts["stderr"] = 0.0
     longest = max(lengths, default=0)
     n = min(longest, d)
     token_bytes = batch_size * (longest * d * 4 + 2 * n * n * 4 + longest * 3 * 8) if token_metrics else 0
@@ -192,9 +226,88 @@ def estimate_probe_cost(
         metric_seconds=sum(parts.values()),
         parts=parts,
         token_bytes=token_bytes,
-        set_level_bytes=set_level_peak_bytes(m, set(metric_names)),
+        set_level_bytes=set_level_peak_bytes(m, selected),
         stored_bytes=stored,
     )
+
+
+#: Host-side costs of a run's outputs, measured on the development machine (one core, ``benchmarks/overhead.py``
+#: and ``benchmarks/picture_cost.py``): seconds per record written (JSONL line, fsync and the TensorBoard flushes) ...
+RECORD_SECONDS = 0.004
+#: ... per per-layer value written to TensorBoard (a scalar of one layer's run, its standard error, a histogram) ...
+VALUE_SECONDS = 1.5e-4
+#: ... per TensorBoard picture drawn and encoded (matplotlib Agg; a heatmap or a depth profile) ...
+PICTURE_SECONDS = 0.06
+#: ... and once per run: opening the writers and the first probe's set-up (hooks, model facts, the probe's file).
+START_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class RunOverhead:
+    """Estimated seconds that layerwatch adds to a whole run (:func:`estimate_run_overhead`).
+
+    Attributes:
+        probes: probes of the run.
+        drawings: times the TensorBoard pictures are drawn (the bounded schedule, plus the last probe at close).
+        parts: seconds of ``"probes"`` (forward passes and metrics), ``"records"`` (writing each probe's values),
+            ``"pictures"`` and ``"start"``.
+    """
+
+    probes: int
+    drawings: int
+    parts: dict[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.parts.values())
+
+    def slowdown(self, train_seconds: float) -> float:
+        """The overhead as a fraction of the training time without layerwatch (0.05 = 5% slower)."""
+        return self.seconds / max(float(train_seconds), 1e-12)
+
+
+def picture_drawings(probes: int, schedule: str = PICTURE_SCHEDULE) -> int:
+    """How often a run of ``probes`` probes draws its pictures: at each due probe, and at ``close()`` for the last
+    probe when the schedule skipped it."""
+    due = sum(picture_due(count, schedule) for count in range(1, int(probes) + 1))
+    return due + int(probes > 0 and not picture_due(int(probes), schedule))
+
+
+def estimate_run_overhead(
+    probe: ProbeCost,
+    *,
+    probes: int,
+    layers: int,
+    series: int,
+    tensorboard: bool = True,
+    jsonl: bool = True,
+    histograms: int = 0,
+    schedule: str = PICTURE_SCHEDULE,
+) -> RunOverhead:
+    """Estimate what ``probes`` probes, their records and pictures add to a run, in seconds.
+
+    Args:
+        probe: one probe's cost (:func:`estimate_probe_cost`).
+        probes: probes of the run (at ``every=N`` over ``S`` steps, about ``S / N`` plus the final probe).
+        layers: hidden states probed.
+        series: per-layer series in each record (the selected metrics that are not single numbers, e.g. 17 for
+            ``metrics="standard"``); each has a TensorBoard scalar per layer and two pictures per drawing.
+        tensorboard: whether the TensorBoard writer runs (no per-layer values or pictures otherwise).
+        jsonl: whether ``layerwatch.jsonl`` is written.
+        histograms: per-layer histograms in each record (the per-prompt metrics that have one).
+        schedule: the picture schedule (:data:`layerwatch.rundir.pictures.PICTURE_SCHEDULE`).
+    """
+    probes = int(probes)
+    drawings = picture_drawings(probes, schedule) if tensorboard else 0
+    values = layers * (2 * series + histograms) if tensorboard else 0  # a scalar and its standard error per series
+    writers = int(tensorboard) + int(jsonl)
+    parts = {
+        "probes": probes * (probe.forward_seconds + probe.metric_seconds),
+        "records": probes * (writers * RECORD_SECONDS + values * VALUE_SECONDS),
+        "pictures": drawings * 2 * series * PICTURE_SECONDS,
+        "start": START_SECONDS if probes else 0.0,
+    }
+    return RunOverhead(probes=probes, drawings=drawings, parts=parts)
 
 
 def _set_level_sizes(

@@ -11,6 +11,13 @@ from layerwatch.metrics import names
 
 SCALAR_PREFIX = "layerwatch"
 
+PROBE_SECONDS = "probe_seconds"
+"""The scalar with each probe's wall time (``ProbeRecord.wall_time_s``): ``layerwatch/probe_seconds`` in TensorBoard
+and the trackers, ``read_run(...).scalar("probe_seconds")``."""
+
+ERRORS = "errors"
+"""The running count of failed probes, ``layerwatch/errors`` in TensorBoard (written at every probe and at each failure)."""
+
 ALERT_KINDS = ("collapse", names.NONFINITE, "bimodal", "cka", "note")
 """Kinds of :class:`Alert`: a collapse, non-finite activations, a bimodal per-prompt distribution, a CKA reference
 that could not be used, and ``"note"`` for any other message (e.g. an alert string of an older run)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from layerwatch.metrics import registry
-from layerwatch.rundir.record import SCALAR_PREFIX, STDERR_PREFIX, ProbeRecord
+from layerwatch.rundir.record import ERRORS, PROBE_SECONDS, SCALAR_PREFIX, STDERR_PREFIX, ProbeRecord
 from layerwatch.rundir.files import JSONL_NAME, PROBE_FILENAME, RUN_SUBFOLDER
 from layerwatch.rundir.writers import read_jsonl_records
 
@@ -33,7 +33,9 @@ class Run:
         steps: probed steps, ascending (numpy int array).
         layers: layer indices (0 = embedding output).
         metrics: metric names, in the order first seen.
-        scalars: names of the single-number-per-probe metrics (``best_layer``), read with :meth:`scalar`.
+        scalars: names of the single-number-per-probe series, read with :meth:`scalar`: ``probe_seconds`` (each
+            probe's wall time), ``best_layer`` (labelled probes), and ``errors`` (the running count of failed probes)
+            for a run read from TensorBoard events.
         records: the parsed probe records (empty for a run read from TensorBoard events only).
     """
 
@@ -58,7 +60,8 @@ class Run:
         return self._values[name]
 
     def scalar(self, name: str) -> np.ndarray:
-        """``[steps]`` values of a single-number metric such as ``best_layer`` (NaN where a probe lacks it)."""
+        """``[steps]`` values of a single-number series such as ``probe_seconds`` or ``best_layer`` (NaN where a probe
+        lacks it)."""
         if name not in self._scalars:
             raise KeyError(f"scalar {name!r} is not in this run; it has {self.scalars}")
         return self._scalars[name]
@@ -125,7 +128,7 @@ def _from_records(logdir: Path, records: list[ProbeRecord]) -> Run:
             errors = stderr.setdefault(name, np.full((len(ordered), len(layers)), np.nan))
             for layer, value in zip(record.layers, per_layer):
                 errors[i, column[layer]] = value
-    scalars: dict[str, np.ndarray] = {}
+    scalars = {PROBE_SECONDS: np.array([r.wall_time_s for r in ordered], dtype=np.float64)}
     for i, record in enumerate(ordered):
         for name, value in record.scalars.items():
             scalars.setdefault(name, np.full(len(ordered), np.nan))[i] = value
@@ -138,7 +141,8 @@ def _from_event_files(logdir: Path) -> Run:
     series: dict[tuple[str, int], dict[int, float]] = {}
     errors: dict[tuple[str, int], dict[int, float]] = {}  # standard errors: layer_NN/layerwatch_stderr/<metric>
     scalar_points: dict[str, dict[int, float]] = {}
-    scalar_tags = {f"{SCALAR_PREFIX}/{name}": name for name in registry.scalar_metrics()}
+    scalar_names = (*registry.scalar_metrics(), PROBE_SECONDS, ERRORS)
+    scalar_tags = {f"{SCALAR_PREFIX}/{name}": name for name in scalar_names}
     event_dirs = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
     for directory in event_dirs:
         layer_dir = _LAYER_RUN.match(directory.name) if directory.parent == logdir else None
@@ -180,6 +184,9 @@ def _from_event_files(logdir: Path) -> Run:
                 if step in row and layer in column:
                     arrays[name][row[step], column[layer]] = value
     scalars = {name: np.array([points.get(step, np.nan) for step in steps]) for name, points in scalar_points.items()}
+    if ERRORS in scalar_points:  # a running count, written when it changes: its value at a step is the last one before
+        counts = sorted(scalar_points[ERRORS].items())
+        scalars[ERRORS] = np.array([next((c for s, c in reversed(counts) if s <= step), 0.0) for step in steps])
     return Run(logdir, [], values, steps, layers, scalars, stderr)
 
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from layerwatch.rundir.record import SCALAR_PREFIX, ProbeRecord
+from layerwatch.rundir.record import PROBE_SECONDS, SCALAR_PREFIX, ProbeRecord
 from layerwatch.rundir.writers import Writer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ WANDB_STEP_KEY = "train/global_step"
 def record_scalars(record: ProbeRecord) -> dict[str, float]:
     """The record's flat per-layer scalars plus ``layerwatch/probe_seconds``."""
     values = {key: float(value) for key, value in record.flat_scalars().items()}
-    values[f"{SCALAR_PREFIX}/probe_seconds"] = float(record.wall_time_s)
+    values[f"{SCALAR_PREFIX}/{PROBE_SECONDS}"] = float(record.wall_time_s)
     return values
 
 

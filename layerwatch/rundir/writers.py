@@ -39,7 +39,7 @@ from layerwatch.rundir.pictures import (  # noqa: F401 - re-exported (their earl
     picture_due,
     quiet_event_threads,
 )
-from layerwatch.rundir.record import SCALAR_PREFIX, ProbeRecord, layer_run, metric_tag, stderr_tag
+from layerwatch.rundir.record import ERRORS, PROBE_SECONDS, SCALAR_PREFIX, ProbeRecord, layer_run, metric_tag, stderr_tag
 
 logger = logging.getLogger(__name__)
 
@@ -275,10 +275,9 @@ class TensorBoardWriter(Writer):
         return self._layer_writers[layer]
 
     def _start(self, record: ProbeRecord) -> None:
-        """At this writer's first record: the custom-scalars layout and the error count."""
+        """At this writer's first record: the custom-scalars layout."""
         charts = {name: ["Multiline", [f"^{re.escape(metric_tag(name))}$"]] for name in record.metrics}
         self._writer.add_custom_scalars({SCALAR_PREFIX: charts})
-        self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", self._errors, record.step)
         self._started = True
 
     def _write_layers(self, record: ProbeRecord) -> None:
@@ -319,7 +318,8 @@ class TensorBoardWriter(Writer):
             self._start(record)
         self._history.add(record)
         self._write_layers(record)
-        writer.add_scalar(f"{SCALAR_PREFIX}/probe_seconds", record.wall_time_s, record.step)
+        writer.add_scalar(f"{SCALAR_PREFIX}/{PROBE_SECONDS}", record.wall_time_s, record.step)
+        writer.add_scalar(f"{SCALAR_PREFIX}/{ERRORS}", self._errors, record.step)  # at every probe: a line to the last
         for name, value in record.scalars.items():  # one number per probe (best_layer)
             writer.add_scalar(f"{SCALAR_PREFIX}/{name}", value, record.step)
         writer.add_text(f"{SCALAR_PREFIX}/alerts", self.alerts_text(record), record.step)
@@ -353,7 +353,7 @@ class TensorBoardWriter(Writer):
     def write_errors(self, step: int, total_errors: int) -> None:
         """The running count of failed probes, as ``layerwatch/errors``."""
         self._errors = int(total_errors)
-        self._writer.add_scalar(f"{SCALAR_PREFIX}/errors", total_errors, step)
+        self._writer.add_scalar(f"{SCALAR_PREFIX}/{ERRORS}", total_errors, step)
         self._writer.flush()
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.monitor.test_distributed import NEEDS_GLOO, _assert_matches_reference, _jsonl_steps, _run_job
+from dist_jobs import NEEDS_GLOO, assert_matches_reference, jsonl_steps, run_job
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
 
@@ -21,7 +21,7 @@ PROBED = [1, 2, 4]  # every=2, log-spaced start, and the last step (4)
 
 @pytest.mark.parametrize("job", ["trainer_zero2", "trainer_zero3", "accelerate_zero3"])
 def test_deepspeed(tmp_path, job):
-    results = _run_job("deepspeed_jobs.py", str(tmp_path), job)
+    results = run_job("deepspeed_jobs.py", str(tmp_path), job)
     engine = results[0]["engine"]
     assert engine == "DeepSpeedEngine", engine
     for rank, result in results.items():
@@ -31,5 +31,5 @@ def test_deepspeed(tmp_path, job):
         leaves = result["eval_forward_leaves"]
         for entry in result["after_probe"]:
             assert entry["gathered"] <= leaves, (rank, entry, leaves)
-    assert _jsonl_steps(results[0]["logdir"]) == PROBED
-    _assert_matches_reference(results[0]["logdir"], PROBED[-1], results[0]["reference"])
+    assert jsonl_steps(results[0]["logdir"]) == PROBED
+    assert_matches_reference(results[0]["logdir"], PROBED[-1], results[0]["reference"])

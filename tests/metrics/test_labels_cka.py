@@ -201,7 +201,7 @@ def test_report_marks_the_best_layer_and_explains_sinks_and_cka(tmp_path):
 
 @pytest.mark.slow
 def test_labeled_probe_example_writes_best_layer(tmp_path):
-    from tests.test_examples import run_script
+    from helpers import run_script
 
     run_script("labeled_probe.py", "--out", str(tmp_path / "out"), "--steps", "8", "--every", "4", cwd=tmp_path)
     run = read_run(tmp_path / "out")

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from tests.metrics.test_metrics import (
+from tests.metrics.references import (
     make_tokens,
     make_views,
     ref_curvature,

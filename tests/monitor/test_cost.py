@@ -28,7 +28,13 @@ def test_estimate_matches_the_formulas_by_hand(monkeypatch):
     assert estimate.parts["eigenvalues"] == pytest.approx(eigen(4, 3) + eigen(8, 3))
     # dataset entropy + effective rank (M = 2), DiME (1 + 10 permutations), LiDAR (M·Q = 4)
     assert estimate.parts["set_level"] == pytest.approx(eigen(2, 6) + eigen(2, 33) + eigen(4, 3))
-    assert estimate.parts["calls"] == pytest.approx(3 * 1 * (1 + 2) * rates.call_seconds)  # layers x batches x passes
+    set_calls = 3 * 5 * rates.set_call_seconds  # layers x the five set-level metrics
+    assert estimate.parts["calls"] == pytest.approx(3 * 1 * (1 + 2) * rates.call_seconds + set_calls)  # x batches x passes
+    # the jackknife: G = min(8, M) = 2 replicates on M - M // G = 1 prompt each (LiDAR: 1 prompt x 2 views)
+    assert estimate.parts["stderr"] == pytest.approx(2 * (eigen(1, 6) + eigen(1, 33) + eigen(2, 3) + set_calls))
+    no_errors = estimate_probe_cost(layers=3, width=8, tokens=[4, 12], parameters=1000, views=2, batch_size=2,
+                                    stderr_groups=0)
+    assert no_errors.parts["stderr"] == 0 and no_errors.metric_seconds < estimate.metric_seconds
     assert estimate.metric_seconds == pytest.approx(sum(estimate.parts.values()))
     assert estimate.set_level_bytes == set_level_peak_bytes(2, ["dataset_entropy", "effective_rank", "infonce", "dime", "lidar"])
     assert estimate.token_bytes == 2 * (12 * 8 * 4 + 2 * 8 * 8 * 4 + 12 * 3 * 8)
@@ -91,3 +97,47 @@ def test_monitor_warns_before_its_first_forward_pass(monkeypatch, caplog, tiny_m
         watch.run(model, 2)
     assert len(caplog.records) == 1 and "max_length" in caplog.records[0].getMessage()  # once per model
     assert warnings_at_forward and set(warnings_at_forward) == {1}  # logged before the first forward
+
+
+@pytest.mark.parametrize("probes", [1, 3, 10, 11, 14, 40])
+def test_the_picture_drawings_are_those_a_real_tensorboard_writer_makes(tmp_path, probes):
+    """The run model's drawing count = the heatmaps a real TensorBoardWriter stores for that many probes (the
+    bounded schedule, plus the last probe's at close), read back from its event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from layerwatch.rundir.files import ALL_LAYERS_RUN
+    from layerwatch.rundir.record import ProbeRecord
+    from layerwatch.rundir.writers import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path)
+    for step in range(1, probes + 1):
+        writer.write(ProbeRecord(step=step, time=0.0, wall_time_s=0.1, layers=[0, 1],
+                                 metrics={"prompt_entropy": [0.5, 0.4], "curvature": [1.0, 2.0]}))
+    writer.close()
+    events = EventAccumulator(str(tmp_path / ALL_LAYERS_RUN), size_guidance={"images": 0})
+    events.Reload()
+    pictures = sum(len(events.Images(tag)) for tag in events.Tags()["images"])
+    assert pictures == 2 * 2 * cost.picture_drawings(probes)  # a heatmap and a depth profile per series
+    estimate = cost.estimate_run_overhead(
+        estimate_probe_cost(layers=2, width=8, tokens=4, prompts=3), probes=probes, layers=2, series=2
+    )
+    assert estimate.drawings == cost.picture_drawings(probes)
+    assert estimate.parts["pictures"] == pytest.approx(pictures * cost.PICTURE_SECONDS)
+
+
+def test_the_run_overhead_adds_its_parts_by_hand():
+    probe = estimate_probe_cost(layers=5, width=16, tokens=8, prompts=4)
+    estimate = cost.estimate_run_overhead(probe, probes=20, layers=5, series=3, histograms=1)
+    drawings = 10 + sum(cost.picture_due(n) for n in range(11, 21)) + (not cost.picture_due(20))
+    assert estimate.drawings == drawings
+    assert estimate.parts == pytest.approx({
+        "probes": 20 * (probe.forward_seconds + probe.metric_seconds),
+        "records": 20 * (2 * cost.RECORD_SECONDS + 5 * (2 * 3 + 1) * cost.VALUE_SECONDS),
+        "pictures": drawings * 2 * 3 * cost.PICTURE_SECONDS,
+        "start": cost.START_SECONDS,
+    })
+    assert estimate.slowdown(10.0) == pytest.approx(estimate.seconds / 10.0)
+    quiet = cost.estimate_run_overhead(probe, probes=20, layers=5, series=3, tensorboard=False)
+    assert quiet.drawings == 0 and quiet.parts["pictures"] == 0
+    assert quiet.parts["records"] == pytest.approx(20 * cost.RECORD_SECONDS)  # the JSONL alone
+    assert cost.estimate_run_overhead(probe, probes=0, layers=5, series=3).seconds == 0

@@ -13,121 +13,37 @@ workers use a 60 s gloo timeout, so a hang fails instead of blocking CI.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
-import torch
+from dist_jobs import NEEDS_GLOO, assert_matches_reference, jsonl_steps, run_job
 from models import FSDP2_ON_CPU
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 NEEDS_FSDP2_ON_CPU = pytest.mark.skipif(not FSDP2_ON_CPU, reason="FSDP2 (fully_shard) runs on a CPU from torch 2.6 on")
-REPO = os.path.dirname(HERE)
-SCRIPTS = os.path.join(os.path.dirname(HERE), "dist_scripts")
-JOB_TIMEOUT_S = 420
-# The workers' gloo timeout. Short, so that a hang fails in minutes, not the default 30; not 60 s, because on a
-# loaded 2-core machine rank 0 closing its TensorBoard writer (waiting for the pictures) took 110 s while rank 1
-# already waited in the next collective.
-DIST_TIMEOUT_S = 180
-WORLD = 2
-
-NEEDS_GLOO = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
 pytestmark = [pytest.mark.slow, NEEDS_GLOO]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_job(
-    script: str, outdir: str, *args: str, dist_timeout: int = DIST_TIMEOUT_S, job_timeout: int = JOB_TIMEOUT_S
-) -> dict[int, dict]:
-    """Launch ``torchrun --nproc_per_node 2 script outdir *args``; return each rank's result, or fail with the logs.
-
-    ``dist_timeout`` is the workers' process-group timeout (seconds); the elapsed time goes to the result as
-    ``job_seconds``."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), os.path.join(SCRIPTS, script), outdir, *args,
-    ]
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        LAYERWATCH_DIST_TIMEOUT=str(dist_timeout),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p),
-    )
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=job_timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers: the group this test started
-        output, _ = process.communicate()
-        pytest.fail(f"{script} did not finish within {job_timeout} s (a hang?)\n{_logs(outdir, output)}")
-    elapsed = time.monotonic() - started
-    if process.returncode != 0:
-        pytest.fail(f"{script} exited with {process.returncode} after {elapsed:.0f} s\n{_logs(outdir, output)}")
-    results = {}
-    for rank in range(WORLD):
-        path = os.path.join(outdir, f"result_rank{rank}.json")
-        assert os.path.exists(path), f"{script}: rank {rank} wrote no result\n{_logs(outdir, output)}"
-        with open(path) as handle:
-            results[rank] = json.load(handle)
-        results[rank]["job_seconds"] = elapsed
-    return results
-
-
-def _logs(outdir: str, output: str) -> str:
-    parts = [f"--- output (tail) ---\n{output[-6000:]}"]
-    for path in sorted(glob.glob(os.path.join(outdir, "error_rank*.txt"))):
-        with open(path) as handle:
-            parts.append(f"--- {os.path.basename(path)} ---\n{handle.read()[-4000:]}")
-    return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
 def accelerate_job(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("accelerate_ddp"))
-    return outdir, _run_job("accelerate_ddp.py", outdir)
+    return outdir, run_job("accelerate_ddp.py", outdir)
 
 
 @pytest.fixture(scope="module")
 def fsdp_job(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("fsdp"))
-    return outdir, _run_job("fsdp.py", outdir)
+    return outdir, run_job("fsdp.py", outdir)
 
 
 @pytest.fixture(scope="module")
 def trainer_job(tmp_path_factory):
     pytest.importorskip("transformers")
     outdir = str(tmp_path_factory.mktemp("trainer_ddp"))
-    return outdir, _run_job("trainer_ddp.py", outdir)
+    return outdir, run_job("trainer_ddp.py", outdir)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _jsonl_steps(logdir: str) -> list[int]:
-    with open(os.path.join(logdir, "layerwatch.jsonl")) as handle:
-        return [json.loads(line)["step"] for line in handle if line.strip()]
 
 
 def _assert_single_writer(outdir: str, logdir: str, steps: list[int]) -> None:
@@ -143,27 +59,9 @@ def _assert_single_writer(outdir: str, logdir: str, steps: list[int]) -> None:
     assert len(directories) > 1, events
     jsonls = glob.glob(os.path.join(outdir, "**", "layerwatch.jsonl"), recursive=True)
     assert jsonls == [os.path.join(logdir, "layerwatch.jsonl")], jsonls
-    recorded = _jsonl_steps(logdir)
+    recorded = jsonl_steps(logdir)
     assert len(recorded) == len(set(recorded)), f"duplicate steps in the JSONL: {recorded}"
     assert recorded == steps
-
-
-def _assert_matches_reference(logdir: str, step: int, reference: dict[str, list]) -> None:
-    """The distributed record of ``step`` equals the single-process reference (within 1e-5)."""
-    import layerwatch
-
-    from layerwatch.metrics.registry import REFERENCE, REGISTRY
-
-    run = layerwatch.read_run(logdir)
-    row = list(run.steps).index(step)
-    assert set(run.metrics) == set(reference), (sorted(run.metrics), sorted(reference))
-    for name, expected in reference.items():
-        if REFERENCE in REGISTRY[name].needs:  # compares with the run's earlier probes, which the reference lacks
-            continue
-        expected = np.array([np.nan if v is None else v for v in expected], dtype=float)
-        got = run.metric(name)[row]
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=name)
-        assert np.isfinite(expected).any(), f"{name}: the reference is all NaN, the comparison proves nothing"
 
 
 # ------------------------------------------------------------------------------------- Accelerate + DDP
@@ -177,7 +75,7 @@ def test_accelerate_ddp_writes_one_run_on_the_main_process(accelerate_job):
 
 def test_accelerate_ddp_metrics_equal_single_process(accelerate_job):
     _, results = accelerate_job
-    _assert_matches_reference(results[0]["logdir"], 0, results[0]["reference"])
+    assert_matches_reference(results[0]["logdir"], 0, results[0]["reference"])
 
 
 def test_accelerate_ddp_training_losses_unchanged(accelerate_job):
@@ -224,9 +122,9 @@ def test_fsdp_writes_one_run_and_matches_single_process(fsdp_job, flavour):
     logdir = os.path.join(outdir, flavour)
     events = glob.glob(os.path.join(logdir, "all_layers", "events.out.tfevents.*"))
     assert len(events) == 1, events
-    steps = _jsonl_steps(logdir)
+    steps = jsonl_steps(logdir)
     assert steps == [0, 1, 2]
-    _assert_matches_reference(logdir, 0, results[0]["reference"])
+    assert_matches_reference(logdir, 0, results[0]["reference"])
     for rank, result in results.items():
         assert result[flavour]["probed"] == [0, 1, 2], rank
         assert result[flavour]["probe_module_is_wrapped"], rank
@@ -269,7 +167,7 @@ def test_trainer_ddp_writes_one_run_and_matches_single_process(trainer_job):
     outdir, results = trainer_job
     logdir = results[0]["logdir"]
     _assert_single_writer(outdir, logdir, [1, 2, 4])  # every=2, log-spaced start, and the last step
-    _assert_matches_reference(logdir, 4, results[0]["reference"])  # DDP: final weights identical on all ranks
+    assert_matches_reference(logdir, 4, results[0]["reference"])  # DDP: final weights identical on all ranks
 
 
 def test_trainer_ddp_training_losses_unchanged(trainer_job):

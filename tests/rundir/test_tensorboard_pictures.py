@@ -229,3 +229,27 @@ def test_a_full_disk_prints_no_thread_traceback(tmp_path, caplog):
         assert writers.error_count >= 1 and "No space left" in caplog.text
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_read_run_gives_the_probe_seconds_from_the_jsonl_and_from_the_events_alone(tmp_path):
+    from layerwatch.rundir.files import JSONL_NAME
+    from layerwatch.rundir.runs import read_run
+    from layerwatch.rundir.writers import JsonlWriter
+
+    seconds = {1: 0.25, 2: 1.5, 4: 0.75, 5: 0.5}  # distinct, so a mix-up of steps would show
+    writers = [JsonlWriter(tmp_path / JSONL_NAME), TensorBoardWriter(tmp_path)]
+    for step, wall in seconds.items():
+        if step == 4:
+            writers[1].write_errors(3, 1)  # the probe at step 3 failed: counted in TensorBoard only
+        for writer in writers:
+            writer.write(ProbeRecord(step=step, time=0.0, wall_time_s=wall, layers=LAYERS, metrics=record(step).metrics))
+    for writer in writers:
+        writer.close()
+    from_jsonl = read_run(tmp_path)
+    assert from_jsonl.scalar("probe_seconds").tolist() == list(seconds.values())
+    assert [r.wall_time_s for r in from_jsonl.records] == list(seconds.values())
+    (tmp_path / JSONL_NAME).unlink()
+    from_events = read_run(tmp_path)
+    assert from_events.steps.tolist() == [1, 2, 4, 5]
+    assert from_events.scalar("probe_seconds").tolist() == pytest.approx(list(seconds.values()))
+    assert from_events.scalar("errors").tolist() == [0.0, 0.0, 1.0, 1.0]  # the running count at each probe
