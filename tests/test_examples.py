@@ -15,6 +15,7 @@ from helpers import EXAMPLES, run_script
 
 TRAINING_EXAMPLES = ("trainer_pretraining.py", "accelerate_loop.py", "plain_pytorch_loop.py")
 PRESENT = [name for name in TRAINING_EXAMPLES if (EXAMPLES / name).is_file()]
+pytestmark = pytest.mark.slow  # subprocesses running whole example scripts
 STEPS = 8
 
 

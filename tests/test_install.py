@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.version import Version
 
 if sys.version_info >= (3, 11):
@@ -32,6 +33,7 @@ def _lower_bound(requirements: list[str], name: str) -> str:
     raise AssertionError(f"no {name}>=... among {requirements}")
 
 
+@pytest.mark.slow  # a subprocess
 def test_integrations_import_from_the_repository_root():
     # From the repository root the source folder layerwatch/ shadows any installed copy; the top-level
     # integrations/ folder must still import as layerwatch.integrations, as it does after `pip install .`.

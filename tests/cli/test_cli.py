@@ -19,6 +19,7 @@ print(json.dumps(sorted(m for m in sys.modules if m in {modules!r})))
 """
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(
     ("argv", "imported"),
     [

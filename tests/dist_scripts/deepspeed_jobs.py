@@ -211,3 +211,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     C.main_guard(main)
+    # The result is written. Leave without the interpreter's teardown: DeepSpeed's C++ threads at exit sometimes
+    # abort the process ("terminate called without an active exception", seen once in 2 idle runs of trainer_zero3),
+    # after every check has passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -99,7 +99,7 @@ def test_monitor_warns_before_its_first_forward_pass(monkeypatch, caplog, tiny_m
     assert warnings_at_forward and set(warnings_at_forward) == {1}  # logged before the first forward
 
 
-@pytest.mark.parametrize("probes", [1, 3, 10, 11, 14, 40])
+@pytest.mark.parametrize("probes", [1, 11, 13, 14])  # 11 and 14: the last drawn at close; 13: on schedule
 def test_the_picture_drawings_are_those_a_real_tensorboard_writer_makes(tmp_path, probes):
     """The run model's drawing count = the heatmaps a real TensorBoardWriter stores for that many probes (the
     bounded schedule, plus the last probe's at close), read back from its event files."""

@@ -116,6 +116,7 @@ def test_fitting_max_length_is_the_longest_prompt_whose_views_fit(positions, cap
     assert session.fitting_max_length(None, 50) == 50
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_start_up_line_shows_in_a_script_that_never_configured_logging():
     import subprocess
     import sys

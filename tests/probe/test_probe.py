@@ -497,6 +497,7 @@ def test_crafted_probe_files_are_refused_with_value_error(tmp_path, metadata_upd
         Probe.load(crafted)
 
 
+@pytest.mark.slow  # a subprocess
 def test_crafted_probe_is_a_clean_cli_error(tmp_path):
     """Through the command line a damaged probe is one error line and exit code 2, never a traceback."""
     import subprocess

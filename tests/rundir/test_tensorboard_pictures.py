@@ -108,6 +108,7 @@ for step in (1, 2, 3):
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_script_that_never_closes_still_gets_its_last_pictures(tmp_path):
     subprocess.run([sys.executable, "-c", _NEVER_CLOSED, str(tmp_path)], check=True, timeout=120)
     assert image_steps(tmp_path) == [1, 2, 3]
