@@ -15,8 +15,9 @@ same seed with the real ``transformers.Trainer``, without and with ``LayerWatchC
   what layerwatch adds);
 - their ratio (the target: within 30% in every cell on an idle machine).
 
-Baselines run right before their cells, and each figure is the median of ``--repeats`` runs, so that a busy machine
-skews both sides alike. The probe count is read from the run (the final probe included).
+For each ``every``, the run without layerwatch and the three presets' runs alternate, ``--repeats`` rounds of them,
+and each figure is the median of its runs, so that a machine that slows down or speeds up moves both sides alike.
+The probe count is read from the run (the final probe included).
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def estimate_probe_cost(
         parameters: the model's parameter count (default: ``12 · blocks · D²``, a GPT-style estimate).
         views: augmented views (extra forward passes; 0 for ``metrics="light"``).
         token_metrics: whether prompt entropy/curvature run (Gram matrices and eigenvalues per prompt and layer).
-        metric_names: the set-level metrics that run.
+        metric_names: the metrics that run (only the set-level ones count here; token metrics are ``token_metrics``).
         alpha: the Rényi order; ``2`` needs no eigenvalues.
         batch_size: prompts per probe forward (bounds the token metrics' memory).
         permutations: DiME's random permutations.
@@ -208,9 +208,11 @@ def estimate_probe_cost(
         parts["passes"] = layers * sum(8.0 * n * d * 4 for n in lengths) / rates.bandwidth
     selected = set(metric_names)
     parts["set_level"] = _eigen_seconds(_set_level_sizes(selected, m, d, layers, views, permutations), rates)
-    parts["calls"] += layers * len(selected) * rates.set_call_seconds
+    # set-level metrics (those with a compute step; callers may pass the token metrics too, which cost nothing here)
+    set_level = {name for name in selected if name in REGISTRY and REGISTRY[name].compute is not None}
+    parts["calls"] += layers * len(set_level) * rates.set_call_seconds
     groups = min(JACKKNIFE_GROUPS if stderr_groups is None else int(stderr_groups), m)
-    resampled = {name for name in selected if name in REGISTRY and REGISTRY[name].stderr and not REGISTRY[name].scalar}
+    resampled = {name for name in set_level if REGISTRY[name].stderr and not REGISTRY[name].scalar}  # the jackknifed
     if groups >= 2 and resampled:
         kept = m - m // groups
         replicate = _eigen_seconds(_set_level_sizes(resampled, kept, d, layers, views, permutations), rates)

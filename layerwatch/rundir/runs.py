@@ -184,9 +184,10 @@ def _from_event_files(logdir: Path) -> Run:
                 if step in row and layer in column:
                     arrays[name][row[step], column[layer]] = value
     scalars = {name: np.array([points.get(step, np.nan) for step in steps]) for name, points in scalar_points.items()}
-    if ERRORS in scalar_points:  # a running count, written when it changes: its value at a step is the last one before
-        counts = sorted(scalar_points[ERRORS].items())
-        scalars[ERRORS] = np.array([next((c for s, c in reversed(counts) if s <= step), 0.0) for step in steps])
+    if ERRORS in scalar_points:  # a running count: at a probe without a point (older runs wrote it only when it
+        counted_at, counts = zip(*sorted(scalar_points[ERRORS].items()))  # changed), the last count at or before it
+        last = np.searchsorted(counted_at, steps, side="right") - 1
+        scalars[ERRORS] = np.where(last >= 0, np.asarray(counts)[np.maximum(last, 0)], 0.0)
     return Run(logdir, [], values, steps, layers, scalars, stderr)
 
 

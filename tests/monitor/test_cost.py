@@ -141,3 +141,12 @@ def test_the_run_overhead_adds_its_parts_by_hand():
     assert quiet.drawings == 0 and quiet.parts["pictures"] == 0
     assert quiet.parts["records"] == pytest.approx(20 * cost.RECORD_SECONDS)  # the JSONL alone
     assert cost.estimate_run_overhead(probe, probes=0, layers=5, series=3).seconds == 0
+
+
+def test_token_metric_names_add_no_set_level_or_jackknife_cost():
+    """check_probe_cost passes every selected metric; the token ones are costed by token_metrics=, not again."""
+    set_level = ("dataset_entropy", "dime", "lidar")
+    alone = estimate_probe_cost(layers=5, width=16, tokens=8, prompts=12, metric_names=set_level)
+    mixed = estimate_probe_cost(layers=5, width=16, tokens=8, prompts=12,
+                                metric_names=(*set_level, "prompt_entropy", "curvature", "massive_activation"))
+    assert mixed.parts == pytest.approx(alone.parts) and alone.parts["stderr"] > 0

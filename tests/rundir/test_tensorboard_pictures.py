@@ -254,3 +254,19 @@ def test_read_run_gives_the_probe_seconds_from_the_jsonl_and_from_the_events_alo
     assert from_events.steps.tolist() == [1, 2, 4, 5]
     assert from_events.scalar("probe_seconds").tolist() == pytest.approx(list(seconds.values()))
     assert from_events.scalar("errors").tolist() == [0.0, 0.0, 1.0, 1.0]  # the running count at each probe
+
+
+def test_an_older_run_that_wrote_its_error_count_only_when_it_changed_reads_the_count_at_every_probe(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from layerwatch.rundir.runs import read_run
+
+    for step in (1, 2, 4, 5):  # one layer's run, the layout read back from events alone
+        with SummaryWriter(str(tmp_path / "layer_00")) as layer:
+            layer.add_scalar("layerwatch/prompt_entropy", 0.5, step)
+    with SummaryWriter(str(tmp_path / ALL_LAYERS_RUN)) as run_level:
+        run_level.add_scalar("layerwatch/errors", 0, 1)  # at the first probe ...
+        run_level.add_scalar("layerwatch/errors", 2, 3)  # ... and when it changed: 2 failures by step 3
+    run = read_run(tmp_path)
+    assert run.steps.tolist() == [1, 2, 4, 5]
+    assert run.scalar("errors").tolist() == [0.0, 0.0, 2.0, 2.0]
